@@ -1,0 +1,444 @@
+"""DeepSeek-V4 reference model in pure torch (CPU and GPU), over explicit fixed-capacity state.
+
+Numerics follow DeepSeek's `inference/model.py`; module and parameter names follow it too.
+Everything is computed from the checkpoint's tensors as they ship: each linear calls the twin
+of its weight format (kernels.linear.linear_ref), which dequantizes on the fly.
+
+`simulate_qat`:
+- True (DeepSeek's semantics): FP8 quantize-dequantize of the NoPE dims of every KV entry
+  (block 64, power-of-two scale); Hadamard rotation + FP4 QDQ (block 32) of the indexer's queries
+  and keys; activations quantized per token per 128 to FP8 before every FP8-block GEMM (what the
+  FP8 runners do; DeepSeek's converter keeps wo_a in BF16 instead, and its FP4 experts take FP8
+  activations where our Hopper W4A16 runner takes BF16 ones).
+- False: HF transformers' `DeepseekV4ForCausalLM` semantics (no QAT simulation), except that the
+  shared expert's SwiGLU is not clamped (DeepSeek does not clamp it; HF does).
+
+State (`ModelState`) is allocated once for `num_slots` sequences of at most `max_len` tokens and
+indexed by slot: per layer a sliding ring of `sliding_window` KV entries, compressed KV entries,
+the indexer's compressed keys, and the compressors' running windows. `forward` processes S new
+tokens for each of B sequences at their own start positions; prefill is S = prompt length (one
+sequence or several of equal length), decode is S = 1 for a batch of sequences at any positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.formats import fp4_qdq, fp8_qdq, hadamard
+from kernels.linear import dequantize_weight, linear_ref
+
+from .config import ModelArgs
+
+KV_QAT_BLOCK = 64
+INDEXER_QAT_BLOCK = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Small functional pieces
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 math, result in x's dtype (weight None: unweighted)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (y if weight is None else y * weight.float()).to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs, compressed: bool) -> torch.Tensor:
+    """Inverse frequencies of the RoPE dims: plain RoPE (theta 10000) on sliding-only layers,
+    YaRN (theta `compress_rope_theta`) on compressed layers, as DeepSeek's precompute_freqs_cis."""
+    dim = args.qk_rope_head_dim
+    base = args.compress_rope_theta if compressed else args.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    yarn = args.rope_scaling
+    if not compressed or yarn is None:
+        return freqs
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(yarn.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    smooth = 1 - ramp
+    return freqs / yarn.factor * (1 - smooth) + freqs * smooth
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, rope_dim: int,
+               inverse: bool = False) -> torch.Tensor:
+    """Rotate the trailing `rope_dim` channels of x, interleaved pairs (2i, 2i+1).
+    x: [B, S, (H,) D]; pos: [B, S]. inverse=True rotates by -pos (undoes the rotation)."""
+    angles = pos.to(torch.float32).unsqueeze(-1) * inv_freq.to(pos.device)  # [B, S, rope_dim/2]
+    cos, sin = angles.cos(), angles.sin()
+    if inverse:
+        sin = -sin
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:].float()
+    even, odd = rope[..., 0::2], rope[..., 1::2]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+    return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
+
+
+def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC coefficients from the projected streams. mixes: [..., (2+hc)*hc] ->
+    pre [..., hc], post [..., hc], comb [..., hc, hc] (doubly stochastic, Sinkhorn)."""
+    pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = mixes[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
+    comb = comb.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def stable_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest scores along the last dim; ties go to the lowest index.
+    Entries scored -inf are never selected."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+    return mask & (scores > float("-inf"))
+
+
+def sparse_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Shared K=V MQA over a masked key set with per-head sinks (exp(sink) joins the denominator).
+    q: [B, S, H, D]; keys: [B, N, D]; mask: [B, S, N] -> [B, S, H, D]."""
+    scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()) * scale
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    sinks = sink.float().view(1, 1, -1, 1).expand(*scores.shape[:3], 1)
+    probs = torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :-1]
+    return torch.einsum("bshn,bnd->bshd", probs, keys.float()).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class CompressorState:
+    """A compressor's running window per slot and its emitted entries.
+    kv/score: [slots, coff*ratio, coff*head_dim] (coff = 2 when windows overlap);
+    entries: [slots, max_len // ratio, head_dim]."""
+    kv: torch.Tensor
+    score: torch.Tensor
+    entries: torch.Tensor
+
+    @classmethod
+    def allocate(cls, slots: int, ratio: int, head_dim: int, max_len: int, device, dtype):
+        coff = 2 if ratio == 4 else 1
+        shape = (slots, coff * ratio, coff * head_dim)
+        return cls(torch.zeros(shape, dtype=torch.float32, device=device),
+                   torch.full(shape, float("-inf"), dtype=torch.float32, device=device),
+                   torch.zeros(slots, max(max_len // ratio, 1), head_dim, dtype=dtype, device=device))
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.kv[slots] = 0
+        self.score[slots] = float("-inf")
+        self.entries[slots] = 0
+
+
+@dataclass
+class LayerState:
+    ring: torch.Tensor                         # [slots, window, head_dim]
+    compressor: CompressorState | None = None  # ratio > 0
+    indexer: CompressorState | None = None     # ratio == 4 (128-d keys)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.ring[slots] = 0
+        for part in (self.compressor, self.indexer):
+            if part is not None:
+                part.reset(slots)
+
+
+class ModelState:
+    """Per-sequence decoding state for `num_slots` sequences of up to `max_len` tokens."""
+
+    def __init__(self, args: ModelArgs, num_slots: int, max_len: int, device="cpu",
+                 dtype=torch.float32, with_mtp: bool = True):
+        self.num_slots, self.max_len = num_slots, max_len
+        n_layers = args.num_hidden_layers + (args.num_nextn_predict_layers if with_mtp else 0)
+        self.layers: list[LayerState] = []
+        for layer in range(n_layers):
+            ratio = args.compress_ratio(layer)
+            st = LayerState(torch.zeros(num_slots, args.sliding_window, args.head_dim, dtype=dtype, device=device))
+            if ratio:
+                st.compressor = CompressorState.allocate(num_slots, ratio, args.head_dim, max_len, device, dtype)
+            if ratio == 4:
+                st.indexer = CompressorState.allocate(num_slots, ratio, args.index_head_dim, max_len, device, dtype)
+            self.layers.append(st)
+
+    def reset(self, slots) -> None:
+        """Forget everything the given slots held (a new sequence takes them)."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.layers[0].ring.device).reshape(-1)
+        for st in self.layers:
+            st.reset(slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class DeepseekV4:
+    """Reference DeepSeek-V4 over checkpoint tensors `weights` (native names, see backend.params)."""
+
+    def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        self.args, self.simulate_qat, self.dtype, self.device = args, simulate_qat, dtype, torch.device(device)
+        # Plain tensors (norms, mHC, sinks, ape, BF16 linears, embed/head) become fp32 on the
+        # device; quantized weights keep their bytes and are dequantized per call.
+        self.w = {k: (v.to(self.device) if not isinstance(v, torch.Tensor)
+                      else v.to(self.device, torch.float32) if v.is_floating_point() else v.to(self.device))
+                  for k, v in weights.items()}
+        self.freqs = {False: rope_inv_freq(args, False).to(self.device),
+                      True: rope_inv_freq(args, True).to(self.device)}
+        self._hadamard = hadamard(args.index_head_dim, self.device) if simulate_qat else None
+
+    def new_state(self, num_slots: int, max_len: int, with_mtp: bool = True) -> ModelState:
+        return ModelState(self.args, num_slots, max_len, self.device, self.dtype, with_mtp)
+
+    # --- linears -------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """A checkpoint linear `name` (without `.weight`) on x, through its format's twin."""
+        return linear_ref(x, self.w[name], quantize_input=self.simulate_qat)
+
+    def plain_linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """A BF16 linear kept in fp32 math (gate, compressor, weights_proj), DeepSeek-style."""
+        return F.linear(x.float(), self.w[name])
+
+    # --- mHC -----------------------------------------------------------------------------
+    def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
+        """x: [B, S, hc, D] -> block input [B, S, D], post [B, S, hc], comb [B, S, hc, hc]."""
+        a = self.args
+        flat = x.flatten(2).float()
+        mixes = F.linear(flat, self.w[f"{prefix}hc_{which}_fn"])
+        mixes = mixes * torch.rsqrt(flat.square().mean(-1, keepdim=True) + a.rms_norm_eps)
+        pre, post, comb = sinkhorn_split(mixes, self.w[f"{prefix}hc_{which}_scale"],
+                                         self.w[f"{prefix}hc_{which}_base"], a.hc_mult,
+                                         a.hc_sinkhorn_iters, a.hc_eps)
+        return (pre.unsqueeze(-1) * x.float()).sum(2).to(x.dtype), post, comb
+
+    @staticmethod
+    def hc_post(y: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
+        """new stream j = post_j * y + sum_k comb[k, j] * residual_k. y: [B,S,D] -> [B,S,hc,D]."""
+        mixed = torch.einsum("bskj,bskd->bsjd", comb, residual.float())
+        return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(y.dtype)
+
+    def hc_head(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        """Final stream collapse (sigmoid pre-mix, no Sinkhorn). [B, S, hc, D] -> [B, S, D]."""
+        flat = x.flatten(2).float()
+        mixes = F.linear(flat, self.w[f"{prefix}hc_head_fn"])
+        mixes = mixes * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.args.rms_norm_eps)
+        pre = torch.sigmoid(mixes * self.w[f"{prefix}hc_head_scale"] + self.w[f"{prefix}hc_head_base"])
+        return ((pre + self.args.hc_eps).unsqueeze(-1) * x.float()).sum(2).to(x.dtype)
+
+    # --- compressor ----------------------------------------------------------------------
+    def compress(self, prefix: str, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                 st: CompressorState, ratio: int, head_dim: int, rotate: bool) -> None:
+        """Feed S tokens to a compressor; every `ratio`-th token emits one entry into st.entries.
+        x: [B, S, D]; pos: [B, S]. Token p is written to its window row; when (p+1) % ratio == 0
+        the window is pooled (softmax over rows of score + ape, per channel) into entry p // ratio,
+        normalized, rotated at the window's first position and QAT-rounded."""
+        overlap, d = ratio == 4, head_dim
+        kv_all = self.plain_linear(x, f"{prefix}wkv.weight")       # [B, S, coff*d] fp32
+        score_all = self.plain_linear(x, f"{prefix}wgate.weight")
+        ape = self.w[f"{prefix}ape"]                               # [ratio, coff*d]
+        rows = torch.arange(x.shape[0], device=x.device)
+        kv_state, score_state = st.kv[slots], st.score[slots]      # local copies, written back below
+        pooled = []
+        for t in range(x.shape[1]):
+            p = pos[:, t]
+            row = (ratio if overlap else 0) + p % ratio
+            kv_state[rows, row] = kv_all[:, t]
+            score_state[rows, row] = score_all[:, t] + ape[p % ratio]
+            if overlap:  # previous window's first half of channels + this window's second half
+                kv_win = torch.cat([kv_state[:, :ratio, :d], kv_state[:, ratio:, d:]], dim=1)
+                score_win = torch.cat([score_state[:, :ratio, :d], score_state[:, ratio:, d:]], dim=1)
+            else:
+                kv_win, score_win = kv_state, score_state
+            pooled.append((kv_win * score_win.softmax(dim=1)).sum(dim=1))
+            if overlap:  # a completed window becomes the next one's overlap half
+                done = ((p + 1) % ratio == 0).view(-1, 1, 1)
+                kv_state = torch.where(done, kv_state.roll(-ratio, dims=1), kv_state)
+                score_state = torch.where(done, score_state.roll(-ratio, dims=1), score_state)
+        st.kv[slots], st.score[slots] = kv_state, score_state
+
+        entry = rms_norm(torch.stack(pooled, dim=1).to(self.dtype), self.w[f"{prefix}norm.weight"],
+                         self.args.rms_norm_eps)                   # [B, S, d]
+        entry = apply_rope(entry, pos + 1 - ratio, self.freqs[True], self.args.qk_rope_head_dim)
+        if self.simulate_qat:
+            if rotate:
+                entry = fp4_qdq(entry @ self._hadamard, INDEXER_QAT_BLOCK)
+            else:
+                entry = self._kv_qat(entry)
+        # Only emitting tokens write (tokens of one window share an index: no racing writes).
+        b, s = ((pos + 1) % ratio == 0).nonzero(as_tuple=True)
+        st.entries[slots[b], pos[b, s] // ratio] = entry[b, s]
+
+    def _kv_qat(self, kv: torch.Tensor) -> torch.Tensor:
+        """FP8 QDQ of the NoPE dims (block 64); the RoPE dims keep full precision."""
+        nope = self.args.nope_head_dim
+        return torch.cat([fp8_qdq(kv[..., :nope], KV_QAT_BLOCK), kv[..., nope:]], dim=-1)
+
+    # --- indexer -------------------------------------------------------------------------
+    def indexer(self, prefix: str, x, qr, pos, slots, st: CompressorState) -> torch.Tensor:
+        """Lightning indexer: which compressed entries each query attends. -> mask [B, S, C]."""
+        a = self.args
+        q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (a.index_n_heads, a.index_head_dim))
+        q = apply_rope(q, pos, self.freqs[True], a.qk_rope_head_dim)
+        if self.simulate_qat:
+            q = fp4_qdq(q @ self._hadamard, INDEXER_QAT_BLOCK)
+        self.compress(f"{prefix}compressor.", x, pos, slots, st, 4, a.index_head_dim, rotate=True)
+        keys = st.entries[slots]                                                  # [B, C, Di]
+        weights = self.plain_linear(x, f"{prefix}weights_proj.weight") * (
+            a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)                   # [B, S, Hi]
+        scores = torch.einsum("bshd,bcd->bshc", q.float(), keys.float()).relu()
+        scores = (scores * weights.unsqueeze(-1)).sum(2)                          # [B, S, C]
+        valid = torch.arange(keys.shape[1], device=x.device) < ((pos + 1) // 4).unsqueeze(-1)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        return stable_topk_mask(scores, min(a.index_topk, keys.shape[1]))
+
+    # --- attention -----------------------------------------------------------------------
+    def attention(self, prefix: str, layer: int, x, pos, slots, st: LayerState) -> torch.Tensor:
+        """x: [B, S, D] -> [B, S, D]. Keys: the sliding window (ring + new tokens) and, on
+        compressed layers, the compressed entries (all so far for HCA, the indexer's pick for CSA)."""
+        a = self.args
+        ratio, rd, win = a.compress_ratio(layer), a.qk_rope_head_dim, a.sliding_window
+        freqs = self.freqs[ratio > 0]
+        p = f"{prefix}attn."
+        qr = rms_norm(self.linear(x, f"{p}wq_a"), self.w[f"{p}q_norm.weight"], a.rms_norm_eps)
+        q = self.linear(qr, f"{p}wq_b").unflatten(-1, (a.num_attention_heads, a.head_dim))
+        q = apply_rope(rms_norm(q, None, a.rms_norm_eps), pos, freqs, rd)
+        kv = rms_norm(self.linear(x, f"{p}wkv"), self.w[f"{p}kv_norm.weight"], a.rms_norm_eps)
+        kv = apply_rope(kv, pos, freqs, rd)
+        if self.simulate_qat:
+            kv = self._kv_qat(kv)
+
+        # Sliding window: the ring as it was before these tokens, then the new tokens.
+        last = (pos[:, 0] - 1).unsqueeze(1)                                    # [B, 1]
+        ring_pos = last - (last - torch.arange(win, device=x.device)) % win    # [B, win]
+        keys = torch.cat([st.ring[slots], kv], dim=1)
+        key_pos = torch.cat([ring_pos, pos], dim=1)
+        qp = pos.unsqueeze(-1)
+        mask = (key_pos.unsqueeze(1) >= 0) & (key_pos.unsqueeze(1) <= qp) & (key_pos.unsqueeze(1) > qp - win)
+        tail = min(x.shape[1], win)  # only the last `win` tokens survive in the ring
+        st.ring[slots.unsqueeze(1), pos[:, -tail:] % win] = kv[:, -tail:]
+
+        if ratio:
+            self.compress(f"{p}compressor.", x, pos, slots, st.compressor, ratio, a.head_dim, rotate=False)
+            entries = st.compressor.entries[slots]                               # [B, C, hd]
+            comp_mask = torch.arange(entries.shape[1], device=x.device) < ((pos + 1) // ratio).unsqueeze(-1)
+            if ratio == 4:
+                comp_mask = comp_mask & self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer)
+            keys = torch.cat([keys, entries], dim=1)
+            mask = torch.cat([mask, comp_mask], dim=-1)
+
+        o = sparse_attention(q, keys, mask, self.w[f"{p}attn_sink"], a.head_dim ** -0.5)
+        o = apply_rope(o, pos, freqs, rd, inverse=True)
+        # Grouped output projection: block-diagonal wo_a (one [o_lora, H*hd/G] block per group).
+        o = o.flatten(2).unflatten(-1, (a.o_groups, -1))                          # [B, S, G, H*hd/G]
+        if self.simulate_qat and not isinstance(self.w[f"{p}wo_a"], torch.Tensor):
+            o = fp8_qdq(o)
+        wo_a = dequantize_weight(self.w[f"{p}wo_a"], o.dtype).unflatten(0, (a.o_groups, a.o_lora_rank))
+        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)
+        return self.linear(o.flatten(2), f"{p}wo_b")
+
+    # --- MoE -----------------------------------------------------------------------------
+    def route(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool):
+        """x: [T, D] -> weights [T, k] (normalized, times routed_scaling_factor), experts [T, k]."""
+        a = self.args
+        scores = F.softplus(self.plain_linear(x, f"{prefix}gate.weight")).sqrt()   # [T, E] fp32
+        if hashed:
+            experts = self.w[f"{prefix}gate.tid2eid"][input_ids].long()
+        else:
+            experts = (scores + self.w[f"{prefix}gate.bias"]).topk(a.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, experts)
+        return weights / weights.sum(-1, keepdim=True) * a.routed_scaling_factor, experts
+
+    def expert(self, x: torch.Tensor, prefix: str, weight: torch.Tensor | None, clamp: bool) -> torch.Tensor:
+        """SwiGLU expert w2(silu(w1 x) * (w3 x)); routed experts clamp at swiglu_limit and apply
+        the routing weight before w2, as DeepSeek's reference does."""
+        gate, up = self.linear(x, f"{prefix}w1").float(), self.linear(x, f"{prefix}w3").float()
+        if clamp:
+            limit = self.args.swiglu_limit
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        h = F.silu(gate) * up
+        if weight is not None:
+            h = weight * h
+        return self.linear(h.to(x.dtype), f"{prefix}w2")
+
+    def moe(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool) -> torch.Tensor:
+        """x: [B, S, D] -> routed experts + shared expert, [B, S, D]."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.route(f"{prefix}ffn.", x, input_ids.reshape(-1), hashed)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in experts.unique().tolist():
+            token, k = torch.where(experts == e)
+            y.index_add_(0, token, self.expert(x[token], f"{prefix}ffn.experts.{e}.",
+                                               weights[token, k, None], clamp=True).float())
+        y += self.expert(x, f"{prefix}ffn.shared_experts.", None, clamp=False).float()
+        return y.to(x.dtype).view(shape)
+
+    # --- blocks and the whole model --------------------------------------------------------
+    def block(self, prefix: str, layer: int, h, input_ids, pos, slots, st: LayerState, hashed: bool):
+        """One transformer block on the streams h: [B, S, hc, D]."""
+        eps = self.args.rms_norm_eps
+        x, post, comb = self.hc_pre(h, prefix, "attn")
+        x = self.attention(prefix, layer, rms_norm(x, self.w[f"{prefix}attn_norm.weight"], eps), pos, slots, st)
+        h = self.hc_post(x, h, post, comb)
+        x, post, comb = self.hc_pre(h, prefix, "ffn")
+        x = self.moe(prefix, rms_norm(x, self.w[f"{prefix}ffn_norm.weight"], eps), input_ids, hashed)
+        return self.hc_post(x, h, post, comb)
+
+    def logits(self, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
+        x = rms_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"], self.args.rms_norm_eps)
+        return F.linear(x.float(), self.w["head.weight"])
+
+    def _positions(self, input_ids: torch.Tensor, start_pos) -> torch.Tensor:
+        start = torch.as_tensor(start_pos, dtype=torch.long, device=self.device).reshape(-1, 1)
+        return start + torch.arange(input_ids.shape[1], device=self.device)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, start_pos, slots, state: ModelState,
+                all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process input_ids [B, S] at positions start_pos[b] + (0..S-1) for sequences in `slots`.
+        Returns logits ([B, V] for the last position, or [B, S, V]) and the final streams
+        [B, S, hc, D] (the MTP block's input)."""
+        a = self.args
+        input_ids = input_ids.to(self.device)
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
+        pos = self._positions(input_ids, start_pos)
+        if int(pos.max()) >= state.max_len:
+            raise ValueError(f"position {int(pos.max())} exceeds the state's max_len {state.max_len}")
+        h = self.w["embed.weight"][input_ids].to(self.dtype)
+        h = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)
+        for layer in range(a.num_hidden_layers):
+            h = self.block(f"layers.{layer}.", layer, h, input_ids, pos, slots, state.layers[layer],
+                           a.is_hash_layer(layer))
+        logits = self.logits(h if all_logits else h[:, -1:])
+        return (logits if all_logits else logits[:, 0]), h
+
+    @torch.no_grad()
+    def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos, slots, state: ModelState,
+                    depth: int = 0) -> torch.Tensor:
+        """MTP block `depth`: from the main model's final streams h [B, S, hc, D] at positions p and
+        the tokens at p+1 (next_ids [B, S]), logits [B, S, V] for the tokens at p+2."""
+        a = self.args
+        layer, prefix = a.num_hidden_layers + depth, f"mtp.{depth}."
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
+        next_ids = next_ids.to(self.device)
+        pos = self._positions(next_ids, start_pos)
+        e = rms_norm(self.w["embed.weight"][next_ids].to(self.dtype), self.w[f"{prefix}enorm.weight"], a.rms_norm_eps)
+        hn = rms_norm(h, self.w[f"{prefix}hnorm.weight"], a.rms_norm_eps)
+        x = self.linear(e, f"{prefix}e_proj").unsqueeze(2) + self.linear(hn, f"{prefix}h_proj")
+        x = self.block(prefix, layer, x, next_ids, pos, slots, state.layers[layer], hashed=False)
+        return self.logits(x, prefix)
