@@ -203,9 +203,9 @@ class _Assembler:
                         self.scalar(f"{base}.input_scale", "NVFP4 activation calibration scale"))
         ws2, ins = float(w.weight_scale_2), float(w.input_scale)
         if not (math.isfinite(ws2) and ws2 > 0):
-            raise CheckpointError(f"tensor '{base}.weight_scale_2' = {ws2}: must be finite and > 0")
+            raise CheckpointError(f"tensor '{base}.weight_scale_2' = {ws2:.6g}: must be finite and > 0")
         if not (math.isfinite(ins) and ins >= 1e-12):
-            raise CheckpointError(f"tensor '{base}.input_scale' = {ins}: must be finite and >= 1e-12")
+            raise CheckpointError(f"tensor '{base}.input_scale' = {ins:.6g}: must be finite and >= 1e-12")
         return w
 
 

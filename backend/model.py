@@ -40,11 +40,20 @@ INDEXER_QAT_BLOCK = 32
 # Small functional pieces
 # ---------------------------------------------------------------------------------------------
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (fp64 stays fp64): the precision of norms, softmax, mixing and routing."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm in fp32 math, result in x's dtype (weight None: unweighted)."""
-    xf = x.float()
+    xf = wide(x)
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return (y if weight is None else y * weight.float()).to(x.dtype)
+    return (y if weight is None else y * wide(weight)).to(x.dtype)
 
 
 def rope_inv_freq(args: ModelArgs, compressed: bool) -> torch.Tensor:
@@ -79,7 +88,7 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, rope_
         sin = -sin
     if x.dim() == 4:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    nope, rope = x[..., :-rope_dim], x[..., -rope_dim:].float()
+    nope, rope = x[..., :-rope_dim], wide(x[..., -rope_dim:])
     even, odd = rope[..., 0::2], rope[..., 1::2]
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
     return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
@@ -112,11 +121,11 @@ def sparse_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, si
                      scale: float) -> torch.Tensor:
     """Shared K=V MQA over a masked key set with per-head sinks (exp(sink) joins the denominator).
     q: [B, S, H, D]; keys: [B, N, D]; mask: [B, S, N] -> [B, S, H, D]."""
-    scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()) * scale
+    scores = torch.einsum("bshd,bnd->bshn", wide(q), wide(keys)) * scale
     scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    sinks = sink.float().view(1, 1, -1, 1).expand(*scores.shape[:3], 1)
+    sinks = sink.to(scores.dtype).view(1, 1, -1, 1).expand(*scores.shape[:3], 1)
     probs = torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :-1]
-    return torch.einsum("bshn,bnd->bshd", probs, keys.float()).to(q.dtype)
+    return torch.einsum("bshn,bnd->bshd", probs, wide(keys)).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +145,9 @@ class CompressorState:
     def allocate(cls, slots: int, ratio: int, head_dim: int, max_len: int, device, dtype):
         coff = 2 if ratio == 4 else 1
         shape = (slots, coff * ratio, coff * head_dim)
-        return cls(torch.zeros(shape, dtype=torch.float32, device=device),
-                   torch.full(shape, float("-inf"), dtype=torch.float32, device=device),
+        acc = wide_dtype(dtype)  # compression runs in fp32 at least, as DeepSeek's does
+        return cls(torch.zeros(shape, dtype=acc, device=device),
+                   torch.full(shape, float("-inf"), dtype=acc, device=device),
                    torch.zeros(slots, max(max_len // ratio, 1), head_dim, dtype=dtype, device=device))
 
     def reset(self, slots: torch.Tensor) -> None:
@@ -196,11 +206,11 @@ class DeepseekV4:
         # Plain tensors (norms, mHC, sinks, ape, BF16 linears, embed/head) become fp32 on the
         # device; quantized weights keep their bytes and are dequantized per call.
         self.w = {k: (v.to(self.device) if not isinstance(v, torch.Tensor)
-                      else v.to(self.device, torch.float32) if v.is_floating_point() else v.to(self.device))
+                      else v.to(self.device, wide_dtype(dtype)) if v.is_floating_point() else v.to(self.device))
                   for k, v in weights.items()}
         self.freqs = {False: rope_inv_freq(args, False).to(self.device),
                       True: rope_inv_freq(args, True).to(self.device)}
-        self._hadamard = hadamard(args.index_head_dim, self.device) if simulate_qat else None
+        self._hadamard = hadamard(args.index_head_dim, self.device, dtype) if simulate_qat else None
 
     def new_state(self, num_slots: int, max_len: int, with_mtp: bool = True) -> ModelState:
         return ModelState(self.args, num_slots, max_len, self.device, self.dtype, with_mtp)
@@ -212,33 +222,33 @@ class DeepseekV4:
 
     def plain_linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """A BF16 linear kept in fp32 math (gate, compressor, weights_proj), DeepSeek-style."""
-        return F.linear(x.float(), self.w[name])
+        return F.linear(wide(x), self.w[name])
 
     # --- mHC -----------------------------------------------------------------------------
     def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
         """x: [B, S, hc, D] -> block input [B, S, D], post [B, S, hc], comb [B, S, hc, hc]."""
         a = self.args
-        flat = x.flatten(2).float()
+        flat = wide(x.flatten(2))
         mixes = F.linear(flat, self.w[f"{prefix}hc_{which}_fn"])
         mixes = mixes * torch.rsqrt(flat.square().mean(-1, keepdim=True) + a.rms_norm_eps)
         pre, post, comb = sinkhorn_split(mixes, self.w[f"{prefix}hc_{which}_scale"],
                                          self.w[f"{prefix}hc_{which}_base"], a.hc_mult,
                                          a.hc_sinkhorn_iters, a.hc_eps)
-        return (pre.unsqueeze(-1) * x.float()).sum(2).to(x.dtype), post, comb
+        return (pre.unsqueeze(-1) * wide(x)).sum(2).to(x.dtype), post, comb
 
     @staticmethod
     def hc_post(y: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
         """new stream j = post_j * y + sum_k comb[k, j] * residual_k. y: [B,S,D] -> [B,S,hc,D]."""
-        mixed = torch.einsum("bskj,bskd->bsjd", comb, residual.float())
-        return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(y.dtype)
+        mixed = torch.einsum("bskj,bskd->bsjd", comb, wide(residual))
+        return (post.unsqueeze(-1) * wide(y).unsqueeze(-2) + mixed).to(y.dtype)
 
     def hc_head(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         """Final stream collapse (sigmoid pre-mix, no Sinkhorn). [B, S, hc, D] -> [B, S, D]."""
-        flat = x.flatten(2).float()
+        flat = wide(x.flatten(2))
         mixes = F.linear(flat, self.w[f"{prefix}hc_head_fn"])
         mixes = mixes * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.args.rms_norm_eps)
         pre = torch.sigmoid(mixes * self.w[f"{prefix}hc_head_scale"] + self.w[f"{prefix}hc_head_base"])
-        return ((pre + self.args.hc_eps).unsqueeze(-1) * x.float()).sum(2).to(x.dtype)
+        return ((pre + self.args.hc_eps).unsqueeze(-1) * wide(x)).sum(2).to(x.dtype)
 
     # --- compressor ----------------------------------------------------------------------
     def compress(self, prefix: str, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
@@ -300,7 +310,7 @@ class DeepseekV4:
         keys = st.entries[slots]                                                  # [B, C, Di]
         weights = self.plain_linear(x, f"{prefix}weights_proj.weight") * (
             a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)                   # [B, S, Hi]
-        scores = torch.einsum("bshd,bcd->bshc", q.float(), keys.float()).relu()
+        scores = torch.einsum("bshd,bcd->bshc", wide(q), wide(keys)).relu()
         scores = (scores * weights.unsqueeze(-1)).sum(2)                          # [B, S, C]
         valid = torch.arange(keys.shape[1], device=x.device) < ((pos + 1) // 4).unsqueeze(-1)
         scores = scores.masked_fill(~valid, float("-inf"))
@@ -366,7 +376,7 @@ class DeepseekV4:
     def expert(self, x: torch.Tensor, prefix: str, weight: torch.Tensor | None, clamp: bool) -> torch.Tensor:
         """SwiGLU expert w2(silu(w1 x) * (w3 x)); routed experts clamp at swiglu_limit and apply
         the routing weight before w2, as DeepSeek's reference does."""
-        gate, up = self.linear(x, f"{prefix}w1").float(), self.linear(x, f"{prefix}w3").float()
+        gate, up = wide(self.linear(x, f"{prefix}w1")), wide(self.linear(x, f"{prefix}w3"))
         if clamp:
             limit = self.args.swiglu_limit
             gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
@@ -380,12 +390,12 @@ class DeepseekV4:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.route(f"{prefix}ffn.", x, input_ids.reshape(-1), hashed)
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        y = torch.zeros(x.shape, dtype=wide_dtype(x.dtype), device=x.device)
         for e in experts.unique().tolist():
             token, k = torch.where(experts == e)
             y.index_add_(0, token, self.expert(x[token], f"{prefix}ffn.experts.{e}.",
-                                               weights[token, k, None], clamp=True).float())
-        y += self.expert(x, f"{prefix}ffn.shared_experts.", None, clamp=False).float()
+                                               weights[token, k, None], clamp=True).to(y.dtype))
+        y += self.expert(x, f"{prefix}ffn.shared_experts.", None, clamp=False).to(y.dtype)
         return y.to(x.dtype).view(shape)
 
     # --- blocks and the whole model --------------------------------------------------------
@@ -401,7 +411,7 @@ class DeepseekV4:
 
     def logits(self, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
         x = rms_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"], self.args.rms_norm_eps)
-        return F.linear(x.float(), self.w["head.weight"])
+        return F.linear(wide(x), self.w["head.weight"])
 
     def _positions(self, input_ids: torch.Tensor, start_pos) -> torch.Tensor:
         start = torch.as_tensor(start_pos, dtype=torch.long, device=self.device).reshape(-1, 1)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import zlib
 from pathlib import Path
 
@@ -191,6 +193,21 @@ def generate(out_dir: str | Path, flavor: str = "nvidia-nvfp4", size: str = "tin
     from .tokenizer import build_tokenizer
     build_tokenizer(min(args.vocab_size, 4096)).save(str(out / "tokenizer.json"))
     return out
+
+
+def default_checkpoint(cache_dir: str | Path | None = None, flavor: str = "nvidia-nvfp4") -> Path:
+    """The tiny synthetic checkpoint in a cache directory, generated on first use.
+    Cache: $DSV4_CACHE_DIR, else ~/.cache/deepseek-v4-triton."""
+    root = Path(cache_dir or os.environ.get("DSV4_CACHE_DIR") or Path.home() / ".cache" / "deepseek-v4-triton")
+    path = root / f"tiny-{flavor}"
+    if not (path / "config.json").exists():
+        tmp = root / f".tiny-{flavor}.{os.getpid()}"  # atomic: concurrent first uses do not collide
+        generate(tmp, flavor=flavor)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def main(argv=None) -> None:
