@@ -11,5 +11,5 @@ if ! python -c "import torch" 2>/dev/null; then
   # The CPU wheel of torch 2.13 (on disk on the project's machines; CUDA builds elsewhere come from PyPI).
   pip install -q "torch==2.13.0" || pip install -q torch
 fi
-pip install -q -e ".[test]"
+pip install -q -e ".[test,serve]" -e client
 set +e

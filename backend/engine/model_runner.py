@@ -1,0 +1,69 @@
+"""Turns scheduled sequences into model calls: owns the model, its state and the sampling
+generators. The only engine code that builds device tensors."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..model import DeepseekV4
+from ..synthetic import default_checkpoint
+from ..tokenizer import load_tokenizer
+from .config import EngineConfig
+from .sampler import sample
+from .sequence import Sequence
+
+log = logging.getLogger("deepseek_v4")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        start = time.perf_counter()
+        self.config = config
+        self.device = resolve_device(config.device)
+        path = config.checkpoint or default_checkpoint()
+        ckpt = load_checkpoint(path)
+        self.args = ckpt.args
+        if ckpt.tokenizer_file is None:
+            raise ValueError(f"checkpoint {path} has no tokenizer.json")
+        self.tokenizer = load_tokenizer(ckpt.tokenizer_file)
+        self.model = DeepseekV4(ckpt.args, ckpt.weights, simulate_qat=config.simulate_qat, device=self.device)
+        self.state = self.model.new_state(config.max_num_seqs, config.max_model_len, with_mtp=False)
+        self._seed_source = torch.Generator().manual_seed(int(time.time_ns()) & (2**62))
+        log.info("[deepseek_v4] loaded %s (%s) on %s in %.1f s; %d slots x %d tokens", path,
+                 dict(ckpt.formats), self.device, time.perf_counter() - start, config.max_num_seqs,
+                 config.max_model_len)
+
+    def start_sequence(self, seq: Sequence) -> None:
+        """A sequence takes its slot: clear what the slot held and give it its own generator."""
+        self.state.reset([seq.slot])
+        seed = seq.params.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+        seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def prefill(self, seq: Sequence, n: int) -> torch.Tensor:
+        """Feeds the next n prompt tokens; -> logits [V] after the last of them."""
+        if seq.num_prefilled == 0:
+            self.start_sequence(seq)
+        chunk = seq.prompt_ids[seq.num_prefilled:seq.num_prefilled + n]
+        logits, _ = self.model.forward(torch.tensor([chunk]), seq.num_prefilled, [seq.slot], self.state)
+        return logits[0]
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for each sequence; -> logits [B, V]."""
+        tokens = torch.tensor([[s.last_token] for s in seqs])
+        positions = torch.tensor([s.num_tokens - 1 for s in seqs])
+        logits, _ = self.model.forward(tokens, positions, [s.slot for s in seqs], self.state)
+        return logits
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], banned: list[list[int]]) -> list[int]:
+        return sample(logits.view(len(seqs), -1), [s.params for s in seqs], [s.generator for s in seqs], banned)

@@ -1,0 +1,45 @@
+"""One request's state in the engine."""
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+from .sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = auto()     # queued, no slot yet
+    PREFILLING = auto()  # has a slot, prompt partly processed
+    RUNNING = auto()     # decoding
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id=None):
+        self.request_id = request_id if request_id is not None else next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.status = Status.WAITING
+        self.slot: int | None = None
+        self.num_prefilled = 0       # prompt tokens already in the state
+        self.finish_reason: str | None = None
+        self.generator = None        # torch.Generator for sampling (set by the model runner)
+        self.arrival_time = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def __repr__(self):
+        return f"Sequence({self.request_id}, {self.status.name}, slot={self.slot}, tokens={self.num_tokens})"

@@ -1,0 +1,149 @@
+"""Triton python backend for DeepSeek-V4: a thin adapter over backend.engine.
+
+execute() never blocks: it validates each request, hands it to the engine thread and returns.
+Engine outputs go through a queue to a sender thread, which owns all socket I/O. Every request gets
+exactly one response flagged FINAL: on success, error, cancellation and shutdown alike.
+"""
+import json
+import logging
+import queue
+import threading
+
+import triton_python_backend_utils as pb_utils
+
+from backend.engine import LLMEngine, SamplingParams
+from backend.engine.llm_engine import QueueFullError
+from backend.serving import INPUTS, engine_config_from_parameters, output_arrays, parse_request
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+log = logging.getLogger("deepseek_v4")
+
+
+class _Request:
+    """What the sender thread needs to answer one request."""
+
+    def __init__(self, sender, parsed, prompt_text):
+        self.sender, self.parsed, self.prompt_text = sender, parsed, prompt_text
+        self.text, self.token_ids, self.cancelled = "", [], False
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        model_config = json.loads(args["model_config"])
+        config = engine_config_from_parameters(model_config.get("parameters", {}))
+        self.engine = LLMEngine(config)
+        self.engine.start()
+        warm = self.engine.generate("warm up", SamplingParams(max_tokens=2))
+        log.info("[deepseek_v4] warm-up generated %d tokens", len(warm["token_ids"]))
+        self._setup_metrics()
+        self._outputs = queue.Queue()
+        self._stop = threading.Event()
+        self._sender = threading.Thread(target=self._response_loop, name="deepseek-v4-sender", daemon=True)
+        self._sender.start()
+        self._metrics_thread = threading.Thread(target=self._metrics_loop, name="deepseek-v4-metrics", daemon=True)
+        self._metrics_thread.start()
+
+    def execute(self, requests):
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def finalize(self):
+        self.engine.shutdown()      # finishes every request; their finals reach the sender queue
+        self._outputs.put(None)
+        self._sender.join(30)
+        self._stop.set()
+        self._metrics_thread.join(5)
+
+    # --- requests ---------------------------------------------------------------------------
+    def _submit(self, request):
+        sender = request.get_response_sender()
+        try:
+            inputs = {}
+            for name in INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    inputs[name] = tensor.as_numpy()
+            parsed = parse_request(inputs, self.engine.config.max_model_len)
+            prompt_text = parsed.prompt if isinstance(parsed.prompt, str) else ""
+            state = _Request(sender, parsed, prompt_text)
+            self.engine.add_request(parsed.prompt, parsed.params, lambda out: self._outputs.put((state, out)))
+        except (ValueError, QueueFullError) as exc:
+            code = pb_utils.TritonError.UNAVAILABLE if isinstance(exc, QueueFullError) else pb_utils.TritonError.INVALID_ARG
+            self._send_error(sender, str(exc), code)
+        except Exception as exc:  # never raise out of execute
+            log.error("[deepseek_v4] request rejected: %s: %s", type(exc).__name__, exc)
+            self._send_error(sender, f"internal error: {exc}", pb_utils.TritonError.INTERNAL)
+
+    @staticmethod
+    def _send_error(sender, message, code):
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+
+    def _response_loop(self):
+        while True:
+            item = self._outputs.get()
+            if item is None:
+                return
+            state, out = item
+            try:
+                self._respond(state, out)
+            except Exception as exc:  # a broken connection must not stop the other requests
+                log.error("[deepseek_v4] sending a response for request %s failed: %s", out.request_id, exc)
+
+    def _respond(self, state, out):
+        if state.cancelled:
+            if out.finished:
+                state.sender.send(flags=FINAL)
+            return
+        if state.sender.is_cancelled():
+            state.cancelled = True
+            self.engine.abort(out.request_id)
+            if out.finished:
+                state.sender.send(flags=FINAL)
+            return
+        if out.error is not None:
+            self._send_error(state.sender, out.error, pb_utils.TritonError.INTERNAL)
+            return
+        flags = FINAL if out.finished else 0
+        if state.parsed.stream:
+            response = self._response(out, out.text, out.token_ids)
+            state.sender.send(response, flags=flags)
+            return
+        state.text += out.text
+        state.token_ids += out.token_ids
+        if out.finished:
+            text = state.text if state.parsed.exclude_input_in_output else state.prompt_text + state.text
+            state.sender.send(self._response(out, text, state.token_ids), flags=FINAL)
+
+    @staticmethod
+    def _response(out, text, token_ids):
+        arrays = output_arrays(out, text, token_ids)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
+
+    # --- metrics ------------------------------------------------------------------------------
+    def _setup_metrics(self):
+        # The families must outlive their metrics: keep both.
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        specs = {"tokens": ("dsv4_generated_tokens_total", "Generated tokens", counter),
+                 "running": ("dsv4_requests_running", "Requests prefilling or decoding", gauge),
+                 "waiting": ("dsv4_requests_waiting", "Requests waiting for a slot", gauge),
+                 "slots": ("dsv4_slots_in_use", "State slots in use", gauge),
+                 "tpot": ("dsv4_time_per_output_token_seconds", "Decode step time (moving mean)", gauge)}
+        self._families = {k: pb_utils.MetricFamily(name=n, description=d, kind=kind) for k, (n, d, kind) in specs.items()}
+        self._metrics = {k: f.Metric(labels={"model": "deepseek_v4"}) for k, f in self._families.items()}
+        self._reported_tokens = 0
+
+    def _metrics_loop(self):
+        while not self._stop.wait(0.25):
+            s, m = self.engine.stats, self._metrics
+            try:
+                m["tokens"].increment(s.generated_tokens - self._reported_tokens)
+                self._reported_tokens = s.generated_tokens
+                m["running"].set(s.requests_running)
+                m["waiting"].set(s.requests_waiting)
+                m["slots"].set(s.slots_in_use)
+                m["tpot"].set(s.time_per_output_token)
+            except Exception as exc:  # metrics must never take the model down
+                log.warning("[deepseek_v4] metrics update failed: %s", exc)
+                return

@@ -1,0 +1,157 @@
+"""Engine pieces without a server: scheduling, parameters, detokenization, request parsing, batching."""
+import threading
+
+import numpy as np
+import pytest
+
+from backend.engine import EngineConfig, LLMEngine, SamplingParams
+from backend.engine.detokenizer import IncrementalDetokenizer
+from backend.engine.scheduler import Scheduler
+from backend.engine.sequence import Sequence, Status
+from backend.engine.slots import SlotAllocator
+from backend.serving import engine_config_from_parameters, parse_request
+from backend.tokenizer import build_tokenizer
+
+
+def test_slots_and_scheduler_continuous_batching():
+    slots = SlotAllocator(2)
+    a, b = slots.allocate(), slots.allocate()
+    assert slots.allocate() is None and slots.num_used == 2
+    slots.free(a)
+    with pytest.raises(ValueError):
+        slots.free(a)
+    sched = Scheduler(num_slots=2, prefill_chunk=4)
+    seqs = [Sequence(list(range(6)), SamplingParams()) for _ in range(3)]
+    for s in seqs:
+        sched.add(s)
+    kind, batch, n = sched.schedule()
+    assert (kind, batch, n) == ("prefill", [seqs[0]], 4) and seqs[2].status == Status.WAITING
+    sched.prefilled(seqs[0], 4)
+    kind, batch, n = sched.schedule()
+    assert (kind, n) == ("prefill", 2)
+    sched.prefilled(seqs[0], 2)
+    assert seqs[0].status == Status.RUNNING
+    kinds = {sched.schedule()[0] for _ in range(2)}
+    assert kinds == {"prefill", "decode"}  # a prefilling sequence does not stall decoding
+    sched.finish(seqs[0], "stop")
+    assert seqs[0].slot is None and sched.schedule()[0] == "prefill" and seqs[2].slot is not None
+
+
+def test_sampling_params_validation_names_the_field():
+    assert SamplingParams.from_dict({"max_tokens": 3, "stop": "x"}).stop == ["x"]
+    for raw, field in [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
+                       ({"temperature": "hot"}, "temperature"), ({"top_k": -1}, "top_k"),
+                       ({"top_p": 1.5}, "top_p"), ({"min_tokens": 99}, "min_tokens"),
+                       ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"nope": 1}, "nope")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams.from_dict(raw)
+    with pytest.raises(ValueError, match="max_model_len"):
+        SamplingParams.from_dict({"max_tokens": 100}, max_model_len=50)
+
+
+def test_streamed_deltas_concatenate_to_the_text_multibyte_included():
+    tok = build_tokenizer(300)
+    text = "héllo wörld 🙂 こんにちは 🚀!"
+    ids = tok.encode(text).ids
+    detok = IncrementalDetokenizer(tok, [])
+    pieces = [detok.update(ids[:i + 1])[0] for i in range(len(ids))] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    detok = IncrementalDetokenizer(tok, ["wör"])
+    out = ""
+    for i in range(len(ids)):
+        delta, stopped = detok.update(ids[:i + 1])
+        out += delta
+        if stopped:
+            break
+    assert stopped and out == "héllo "
+
+
+def _arrays(**kw):
+    out = {}
+    for k, v in kw.items():
+        out[k] = np.array([v], dtype=np.object_) if isinstance(v, bytes) else np.array(v if isinstance(v, list) else [v])
+    return out
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({}, "text_input"),
+    ({"text_input": b""}, "text_input"),
+    ({"text_input": b"\xc3\x28"}, "UTF-8"),
+    ({"text_input": b"a", "input_ids": [1]}, "not both"),
+    ({"input_ids": np.array([1], dtype=np.int64)}, "INT32"),
+    ({"text_input": b"a", "sampling_parameters": b"{"}, "sampling_parameters"),
+    ({"text_input": b"a", "sampling_parameters": b"[1]"}, "JSON object"),
+    ({"text_input": b"a", "sampling_parameters": b'{"x": 1}'}, "'x'"),
+    ({"text_input": b"a", "stream": np.array([1, 2])}, "stream"),
+])
+def test_parse_request_errors(inputs, field):
+    arrays = {k: (v if isinstance(v, np.ndarray) else _arrays(**{k: v})[k]) for k, v in inputs.items()}
+    with pytest.raises(ValueError, match=field):
+        parse_request(arrays)
+
+
+def test_parse_request_ok():
+    r = parse_request({**_arrays(text_input=b"hi", sampling_parameters=b'{"max_tokens": 3}'), "stream": np.array([True])})
+    assert r.prompt == "hi" and r.params.max_tokens == 3 and r.stream and not r.exclude_input_in_output
+
+
+def test_engine_config_from_parameters():
+    cfg = engine_config_from_parameters({"max_num_seqs": {"string_value": "4"}, "simulate_qat": {"string_value": "true"},
+                                         "checkpoint": {"string_value": ""}})
+    assert cfg.max_num_seqs == 4 and cfg.simulate_qat and cfg.checkpoint is None
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        engine_config_from_parameters({"max_num_seqs": {"string_value": "many"}})
+    with pytest.raises(ValueError, match="'colour'"):
+        engine_config_from_parameters({"colour": {"string_value": "blue"}})
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from backend.synthetic import default_checkpoint
+    path = default_checkpoint(tmp_path_factory.mktemp("cache"))
+    e = LLMEngine(EngineConfig(checkpoint=str(path), max_num_seqs=4, max_model_len=128, max_queue=8, prefill_chunk=5))
+    e.start()
+    yield e
+    e.shutdown()
+
+
+def test_engine_batched_equals_alone_and_frees_slots(engine):
+    cases = [("a b c " * (i + 1), SamplingParams(max_tokens=6 + i, temperature=0.0 if i % 2 else 0.9, seed=i))
+             for i in range(6)]  # more requests than slots: they queue, join and leave
+    results = [None] * len(cases)
+
+    def run(i):
+        results[i] = engine.generate(*cases[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, case in enumerate(cases):
+        assert results[i]["token_ids"] == engine.generate(*case)["token_ids"], i
+        assert results[i]["finish_reason"] == "length"
+    assert engine.stats.slots_in_use == 0 and engine.stats.requests_running == 0
+
+
+def test_engine_rejects_bad_prompts(engine):
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(list(range(2, 200)), SamplingParams(), lambda out: None)
+    with pytest.raises(ValueError, match="input_ids"):
+        engine.add_request([1, 10**6], SamplingParams(), lambda out: None)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("", SamplingParams(), lambda out: None)
+
+
+def test_engine_abort(engine):
+    outputs, done = [], threading.Event()
+
+    def collect(out):
+        outputs.append(out)
+        if out.finished:
+            done.set()
+    rid = engine.add_request("abort me", SamplingParams(max_tokens=100), collect)
+    while not outputs:
+        threading.Event().wait(0.01)
+    engine.abort(rid)
+    assert done.wait(30) and outputs[-1].finish_reason == "abort" and len(outputs) < 100
