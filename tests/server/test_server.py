@@ -207,8 +207,11 @@ def test_perf_analyzer_grpc_streaming(server, tmp_path):
     write_input_data(data, params=SamplingParams(max_tokens=8))
     cmd, env = perf_analyzer()
     run = subprocess.run(cmd + ["-m", "deepseek_v4", "-u", server.grpc_url, "-i", "grpc", "--streaming",
-                                "--input-data", str(data), "--concurrency-range", "4", "--measurement-interval", "3000",
-                                "--stability-percentage", "50", "--max-trials", "4"],
+                                "--input-data", str(data), "--concurrency-range", "4",
+                                # Count windows and a wide stability band: a loaded 2-core CI machine
+                                # must not fail the run on timing noise; errors still fail it.
+                                "--measurement-mode", "count_windows", "--measurement-request-count", "16",
+                                "--stability-percentage", "1000", "--max-trials", "5"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "Throughput" in run.stdout and "error" not in run.stdout.lower()
