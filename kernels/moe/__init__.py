@@ -1,0 +1,114 @@
+"""Routed-expert MoE in W4A16 (NVFP4 or MXFP4 weights, BF16 activations).
+
+    moe_w4a16(x, weights, experts, stacked, swiglu_limit)      CuTe DSL runner (sm_90a and newer)
+    moe_w4a16_ref(x, weights, experts, stacked, swiglu_limit)  the pure-torch twin (the spec)
+
+Both return fp32 [T, D]. The runner routes on the device (kernels.moe.routing.dispatch), runs the
+L1 kernel (w1||w3, clamped SwiGLU, routing weight) into a BF16 intermediate per (token, k) slot,
+the L2 kernel (w2), and sums each token's k slots in order. No host syncs, static launch shapes:
+it captures into CUDA graphs. Kernels compile once per static configuration (format, top-k, gated,
+limit) for any token count, and are cached in memory and on disk (CUTE_DSL_CACHE_DIR).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from .experts import StackedExperts, moe_w4a16_ref, stack_experts, unstack
+from .routing import Dispatch, dispatch, route_hash, route_topk
+
+__all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "unstack", "dispatch", "Dispatch",
+           "route_topk", "route_hash", "compile_kernels", "dispatch_fused"]
+
+
+def _ensure_cache_dir() -> None:
+    if "CUTE_DSL_CACHE_DIR" not in os.environ:
+        root = os.environ.get("DSV4_CACHE_DIR") or Path.home() / ".cache" / "deepseek-v4-triton"
+        os.environ["CUTE_DSL_CACHE_DIR"] = str(Path(root) / "cute-dsl")
+
+
+@functools.cache
+def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: str):
+    """One compiled grouped GEMV per static configuration; every size is a runtime value."""
+    _ensure_cache_dir()
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor
+    from cutlass.runtime import make_fake_stream
+
+    from .w4a16_sm90 import grouped_gemv
+
+    def rm(dtype, *dims):  # row-major fake tensor with symbolic sizes
+        shape = tuple(cute.sym_int() if d is None else d for d in dims)
+        return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(len(shape)))[::-1], assumed_align=16)
+
+    args = (rm(cutlass.Int32, None, None), rm(cutlass.Int32, None, None, None), rm(cutlass.Uint8, None, None, None),
+            rm(cutlass.Float32, None, 2 if gated else 1), rm(cutlass.Float32, None), rm(cutlass.Int32, None),
+            rm(cutlass.Int32, None), rm(cutlass.Int32, None), rm(cutlass.Int32, 1),
+            rm(cutlass.BFloat16 if gated else cutlass.Float32, None, None),
+            make_fake_stream(use_tvm_ffi_env_stream=True))
+    return cute.compile(grouped_gemv, *args, top_k, group, gated, swiglu_limit, options="--enable-tvm-ffi")
+
+
+@functools.cache
+def _compiled_dispatch(num_experts: int, arch: str):
+    _ensure_cache_dir()
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor
+    from cutlass.runtime import make_fake_stream
+
+    from .dispatch_sm90 import dispatch_launch
+    vec = lambda dtype: make_fake_compact_tensor(dtype, (cute.sym_int(),), assumed_align=16)
+    args = (vec(cutlass.Int64), vec(cutlass.Int32), vec(cutlass.Int32), vec(cutlass.Int32),
+            make_fake_compact_tensor(cutlass.Int32, (1,)), make_fake_stream(use_tvm_ffi_env_stream=True))
+    return cute.compile(dispatch_launch, *args, num_experts, options="--enable-tvm-ffi")
+
+
+def dispatch_fused(experts: torch.Tensor, num_experts: int) -> Dispatch:
+    """kernels.moe.routing.dispatch in one kernel launch (slot order within an expert is arbitrary)."""
+    t, k = experts.shape
+    n, a = t * k, min(num_experts, t * k)
+    dev = experts.device
+    d = Dispatch(torch.empty(n, dtype=torch.int32, device=dev), torch.empty(a, dtype=torch.int32, device=dev),
+                 torch.empty(a + 1, dtype=torch.int32, device=dev), torch.empty(1, dtype=torch.int32, device=dev))
+    _compiled_dispatch(num_experts, _arch(dev))(experts.reshape(-1).to(torch.int64), d.sorted_slots,
+                                                d.active_experts, d.active_start, d.num_active)
+    return d
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}a"
+
+
+def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_experts: int | None = None) -> None:
+    """Warm-up: compile (or load from the disk cache) both kernels before any CUDA-graph capture."""
+    group = 16 if fmt == "nvfp4" else 32
+    arch = _arch(torch.device(device or "cuda")) if torch.cuda.is_available() else os.environ.get("CUTE_DSL_ARCH", "sm_90a")
+    for gated in (True, False):
+        _compiled(gated, top_k, group, float(swiglu_limit), arch)
+    if num_experts is not None:
+        _compiled_dispatch(num_experts, arch)
+
+
+def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
+              swiglu_limit: float) -> torch.Tensor:
+    """x: bf16 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref)."""
+    t, k = experts.shape
+    if x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise ValueError("moe_w4a16: x must be a contiguous bfloat16 tensor [T, D]")
+    arch = _arch(x.device)
+    d = dispatch_fused(experts, stacked.num_experts)
+    route_w = weights.reshape(-1).float().contiguous()
+    h = torch.empty(t * k, stacked.inter, dtype=torch.bfloat16, device=x.device)
+    y = torch.empty(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
+    common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
+    l1 = _compiled(True, k, stacked.group, float(swiglu_limit), arch)
+    l1(x.view(torch.int32), stacked.w13.view(torch.int32), stacked.s13, stacked.g13, route_w, *common, h)
+    l2 = _compiled(False, k, stacked.group, float(swiglu_limit), arch)
+    l2(h.view(torch.int32), stacked.w2.view(torch.int32), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
+    return y.view(t, k, -1).sum(1)

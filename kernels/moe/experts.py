@@ -1,0 +1,110 @@
+"""Routed experts stacked for the grouped runners, and the MoE torch twin (the spec).
+
+`stack_experts` is the one-time, bit-preserving re-layout allowed at load: per-expert tensors are
+copied into [E, ...] stacks, w1 and w3 concatenated along N (w1 rows first). Bytes and scales are
+copied unchanged; each half keeps its own global scale (NVIDIA's release shares one per expert).
+`unstack` gives the per-expert containers back, byte for byte (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import MXFP4_BLOCK, NVFP4_BLOCK, Mxfp4Weight, Nvfp4Weight
+from .routing import dispatch
+
+
+@dataclass
+class StackedExperts:
+    fmt: str            # "nvfp4" | "mxfp4"
+    w13: torch.Tensor   # uint8 [E, 2I, D/2]  packed E2M1, w1 rows then w3 rows
+    s13: torch.Tensor   # uint8 [E, 2I, D/G]  block scale bytes (E4M3 for NVFP4, E8M0 for MXFP4)
+    g13: torch.Tensor   # fp32  [E, 2]        global scale of the w1 half and of the w3 half
+    w2: torch.Tensor    # uint8 [E, D, I/2]
+    s2: torch.Tensor    # uint8 [E, D, I/G]
+    g2: torch.Tensor    # fp32  [E]
+
+    @property
+    def group(self) -> int:
+        return NVFP4_BLOCK if self.fmt == "nvfp4" else MXFP4_BLOCK
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.w13.shape[2] * 2
+
+    @property
+    def inter(self) -> int:
+        return self.w13.shape[1] // 2
+
+    def to(self, device) -> "StackedExperts":
+        return StackedExperts(self.fmt, *(t.to(device) for t in (self.w13, self.s13, self.g13, self.w2, self.s2, self.g2)))
+
+
+def _parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(w, Nvfp4Weight):
+        return w.weight.view(torch.uint8), w.weight_scale.view(torch.uint8), w.weight_scale_2.float().reshape(())
+    if isinstance(w, Mxfp4Weight):
+        return w.weight.view(torch.uint8), w.scale.view(torch.uint8), torch.ones((), device=w.weight.device)
+    raise TypeError(f"routed experts must be NVFP4 or MXFP4, got {type(w).__name__}")
+
+
+def stack_experts(experts: list[tuple]) -> StackedExperts:
+    """experts: [(w1, w2, w3)] per expert, all NVFP4 or all MXFP4 containers."""
+    kinds = {type(w) for trio in experts for w in trio}
+    if len(kinds) != 1:
+        raise ValueError(f"all routed experts must share one format, got {sorted(k.__name__ for k in kinds)}")
+    fmt = "nvfp4" if kinds == {Nvfp4Weight} else "mxfp4"
+    w13, s13, g13, w2, s2, g2 = [], [], [], [], [], []
+    for w1, w2_, w3 in experts:
+        (a, sa, ga), (b, sb, gb), (c, sc, gc) = _parts(w1), _parts(w3), _parts(w2_)
+        w13.append(torch.cat([a, b]))
+        s13.append(torch.cat([sa, sb]))
+        g13.append(torch.stack([ga, gb]))
+        w2.append(c)
+        s2.append(sc)
+        g2.append(gc)
+    return StackedExperts(fmt, torch.stack(w13), torch.stack(s13), torch.stack(g13), torch.stack(w2),
+                          torch.stack(s2), torch.stack(g2))
+
+
+def unstack(stacked: StackedExperts, e: int):
+    """Expert e's (w1, w2, w3) containers, views of the stacks."""
+    i = stacked.inter
+    if stacked.fmt == "nvfp4":
+        f8 = torch.float8_e4m3fn
+        one = torch.ones((), device=stacked.g2.device)
+        make = lambda w, s, g: Nvfp4Weight(w, s.view(f8), g, one)
+        return (make(stacked.w13[e, :i], stacked.s13[e, :i], stacked.g13[e, 0]),
+                make(stacked.w2[e], stacked.s2[e], stacked.g2[e]),
+                make(stacked.w13[e, i:], stacked.s13[e, i:], stacked.g13[e, 1]))
+    e8 = torch.float8_e8m0fnu
+    make = lambda w, s: Mxfp4Weight(w.view(torch.int8), s.view(e8))
+    return (make(stacked.w13[e, :i], stacked.s13[e, :i]), make(stacked.w2[e], stacked.s2[e]),
+            make(stacked.w13[e, i:], stacked.s13[e, i:]))
+
+
+def moe_w4a16_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
+                  swiglu_limit: float) -> torch.Tensor:
+    """The spec of the routed-expert MoE (W4A16). x: [T, D] (bf16 or fp32); weights fp32 [T, k];
+    experts [T, k]. Per (token, k) slot: h = w * silu(min(x W1^T, limit)) * clamp(x W3^T, +-limit),
+    rounded to x's dtype (the runners keep h in the activation dtype), y = h W2^T in fp32; the
+    output sums a token's k slots in order k = 0..K-1. -> fp32 [T, D]."""
+    t, k = experts.shape
+    d = dispatch(experts, stacked.num_experts)
+    num_active = int(d.num_active)
+    y = torch.zeros(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
+    for j in range(num_active):
+        e = int(d.active_experts[j])
+        slots = d.sorted_slots[int(d.active_start[j]):int(d.active_start[j + 1])].long()
+        w1, w2, w3 = (w.dequantize() for w in unstack(stacked, e))
+        xs = x[slots // k].float()
+        gate = (xs @ w1.T).clamp(max=swiglu_limit)
+        up = (xs @ w3.T).clamp(-swiglu_limit, swiglu_limit)
+        h = (weights.reshape(-1)[slots, None] * torch.nn.functional.silu(gate) * up).to(x.dtype)
+        y[slots] = h.float() @ w2.T
+    return y.view(t, k, -1).sum(1)

@@ -1,0 +1,135 @@
+"""Grouped W4A16 expert GEMMs for decode-sized batches, CuTe DSL (compiles for sm_90a and newer).
+
+One warp computes one output row of one active expert for that expert's tokens: it streams the
+row's packed E2M1 bytes once (coalesced 4-byte loads across the warp), decodes them in registers,
+applies the block scale per 16 (NVFP4, E4M3) or per 32 (MXFP4, E8M0) elements, and accumulates
+fp32 dot products with each token (up to TOKEN_TILE at a time), reduced across the warp.
+Grid: (rows / WARPS, max active experts); blocks past the device-side `num_active` exit, so the
+launch shape is static and the kernels capture into CUDA graphs.
+
+  L1 (`gated=True`):  h[slot, n] = w_route * silu(min(g1 * x.W1[n], L)) * clamp(g3 * x.W3[n], +-L)   (bf16)
+  L2 (`gated=False`): y[slot, n] = g2 * h[slot].W2[n]                                              (fp32)
+
+E2M1 decode: the 3 magnitude bits go under an f16 exponent/mantissa (value * 2^-14, subnormals
+included) and the sign on top; the 2^14 is folded into the block scale.
+E4M3 scale decode: (byte & 0x7f) << 7 is an f16 of value * 2^-8; the 2^8 is folded likewise.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import BFloat16, Float16, Float32, Int16, Int32, Uint8
+
+WARPS = 4
+TOKEN_TILE = 4
+E2M1_F16_CORRECTION = 2.0**14  # decoded f16 = value * 2^-14
+E4M3_F16_CORRECTION = 2.0**8   # decoded f16 = scale * 2^-8
+
+
+@cute.jit
+def _e2m1_pair(word: Int32, j: cutlass.Constexpr):
+    """Elements j and j+4 (0 <= j < 4) of a word of 8 packed E2M1 (low nibble first), times 2^-14.
+    One 32-bit pass builds both f16 values (nibbles j and j+4 sit at bits 4j and 16+4j)."""
+    s = word >> (4 * j) if cutlass.const_expr(j > 0) else word
+    h = ((s & 0x00070007) << 9) | ((s & 0x00080008) << 12)
+    return Int16(h).bitcast(Float16).to(Float32), Int16(h >> 16).bitcast(Float16).to(Float32)
+
+
+@cute.jit
+def _block_scale(byte: Int32, nvfp4: cutlass.Constexpr) -> Float32:
+    """A block scale byte as fp32, including the E2M1 decode correction."""
+    if cutlass.const_expr(nvfp4):
+        s = Int16((byte & 0x7F) << 7).bitcast(Float16).to(Float32)
+        return s * (E2M1_F16_CORRECTION * E4M3_F16_CORRECTION)
+    return Int32(byte << 23).bitcast(Float32) * E2M1_F16_CORRECTION  # E8M0 (code 0 reads as 0)
+
+
+@cute.kernel
+def _grouped_gemv_kernel(
+    x_words: cute.Tensor,      # int32 [rows_in, K/2]: bf16 activations, two per word
+    w_words: cute.Tensor,      # int32 [E, N, K/8]: packed E2M1
+    scales: cute.Tensor,       # uint8 [E, N, K/G]
+    gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]
+    route_w: cute.Tensor,      # fp32  [slots]
+    sorted_slots: cute.Tensor, # int32 [slots]
+    active_experts: cute.Tensor,
+    active_start: cute.Tensor,
+    num_active: cute.Tensor,
+    out: cute.Tensor,          # gated: bf16 [slots, N/2]; else fp32 [slots, N]
+    top_k: cutlass.Constexpr,
+    group: cutlass.Constexpr,
+    gated: cutlass.Constexpr,
+    swiglu_limit: cutlass.Constexpr,
+):
+    lane = cute.arch.lane_idx()
+    warp = cute.arch.warp_idx()
+    bx, by, _ = cute.arch.block_idx()
+    n_out = out.shape[1]
+    n = bx * WARPS + warp
+    if by < num_active[0] and n < n_out:
+        e = active_experts[by]
+        s0 = active_start[by]
+        s1 = active_start[by + 1]
+        k_words = w_words.shape[2]
+        words_per_group = group // 8
+        halves = 2 if gated else 1
+        for t0 in cutlass.range(s0, s1, TOKEN_TILE):
+            n_valid = cutlass.min(s1 - t0, TOKEN_TILE)  # warp-uniform
+            acc = cute.make_rmem_tensor((TOKEN_TILE, 2), Float32)
+            acc.fill(0.0)
+            rows = cute.make_rmem_tensor((TOKEN_TILE,), Int32)
+            for tt in cutlass.range_constexpr(TOKEN_TILE):
+                slot = sorted_slots[cutlass.min(t0 + tt, s1 - 1)]
+                if cutlass.const_expr(gated):
+                    rows[tt] = slot // top_k
+                else:
+                    rows[tt] = slot
+            for w in cutlass.range(lane, k_words, 32, unroll=4):
+                # Decode this word of each weight row once; it serves every token of the tile.
+                wv = cute.make_rmem_tensor((2, 8), Float32)
+                sv = cute.make_rmem_tensor((2,), Float32)
+                for half in cutlass.range_constexpr(halves):
+                    wrow = n + half * n_out
+                    word = w_words[e, wrow, w]
+                    sv[half] = _block_scale(Int32(scales[e, wrow, w // words_per_group]), group == 16)
+                    for j in cutlass.range_constexpr(4):
+                        lo, hi = _e2m1_pair(word, j)
+                        wv[half, j] = lo
+                        wv[half, j + 4] = hi
+                for tt in cutlass.range_constexpr(TOKEN_TILE):
+                    if tt < n_valid:
+                        xv = cute.make_rmem_tensor((8,), Float32)
+                        for i in cutlass.range_constexpr(4):  # 8 bf16 activations as 4 words
+                            xw = x_words[rows[tt], w * 4 + i]
+                            xv[2 * i] = (xw << 16).bitcast(Float32)
+                            xv[2 * i + 1] = (xw & -65536).bitcast(Float32)
+                        for half in cutlass.range_constexpr(halves):
+                            dot = Float32(0.0)
+                            for i in cutlass.range_constexpr(8):
+                                dot = dot + wv[half, i] * xv[i]
+                            acc[tt, half] = acc[tt, half] + dot * sv[half]
+            for tt in cutlass.range_constexpr(TOKEN_TILE):
+                for half in cutlass.range_constexpr(2 if gated else 1):
+                    acc[tt, half] = cute.arch.warp_reduction_sum(acc[tt, half])
+            if lane == 0:
+                for tt in cutlass.range_constexpr(TOKEN_TILE):
+                    if t0 + tt < s1:
+                        slot = sorted_slots[t0 + tt]
+                        if cutlass.const_expr(gated):
+                            g = cutlass.min(acc[tt, 0] * gscale[e, 0], Float32(swiglu_limit))
+                            u = cutlass.max(cutlass.min(acc[tt, 1] * gscale[e, 1], Float32(swiglu_limit)),
+                                            Float32(-swiglu_limit))
+                            silu = g / (Float32(1.0) + cute.math.exp(-g))
+                            out[slot, n] = (route_w[slot] * silu * u).to(BFloat16)
+                        else:
+                            out[slot, n] = acc[tt, 0] * gscale[e, 0]
+
+
+@cute.jit
+def grouped_gemv(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start, num_active,
+                 out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
+                 swiglu_limit: cutlass.Constexpr):
+    rows = out.shape[1]
+    _grouped_gemv_kernel(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start,
+                         num_active, out, top_k, group, gated, swiglu_limit).launch(
+        grid=[(rows + WARPS - 1) // WARPS, active_experts.shape[0], 1], block=[32 * WARPS, 1, 1], stream=stream)

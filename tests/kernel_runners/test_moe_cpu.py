@@ -1,0 +1,111 @@
+"""MoE pieces that run on the CPU: routing, dispatch, expert stacking, the twin, sm_90a compiles."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.formats import mxfp4_to_nvfp4, quantize_mxfp4
+from kernels.moe import dispatch, moe_w4a16_ref, route_hash, route_topk, stack_experts, unstack
+
+
+def test_dispatch_groups_slots_by_expert():
+    g = torch.Generator().manual_seed(0)
+    experts = torch.stack([torch.randperm(10, generator=g)[:3] for _ in range(7)])  # [7, 3]
+    d = dispatch(experts, num_experts=10)
+    flat = experts.reshape(-1)
+    n = int(d.num_active)
+    assert d.active_experts.shape == (min(10, 21),) and d.active_start.shape == (11,)
+    assert d.active_experts[:n].tolist() == sorted(set(flat.tolist()))
+    assert (d.active_experts[n:] == -1).all() and (d.active_start[n:] == 21).all()
+    for j in range(n):
+        run = d.sorted_slots[d.active_start[j]:d.active_start[j + 1]].long()
+        assert (flat[run] == d.active_experts[j]).all()
+        assert run.tolist() == sorted(run.tolist())  # stable: token order within an expert
+    assert sorted(d.sorted_slots.tolist()) == list(range(21))
+
+
+def test_dispatch_every_token_same_experts():
+    experts = torch.tensor([[3, 1]] * 5)
+    d = dispatch(experts, num_experts=8)
+    assert int(d.num_active) == 2 and d.active_experts[:2].tolist() == [1, 3]
+    assert d.active_start[:3].tolist() == [0, 5, 10]
+
+
+def test_routing_matches_the_reference_model_formula():
+    g = torch.Generator().manual_seed(1)
+    logits, bias = torch.randn(5, 16, generator=g), torch.randn(16, generator=g) * 0.1
+    w, e = route_topk(logits, bias, 4, 1.5)
+    scores = torch.nn.functional.softplus(logits).sqrt()
+    assert torch.equal(e, (scores + bias).topk(4, dim=-1).indices)
+    assert torch.allclose(w.sum(-1), torch.full((5,), 1.5))
+    tid2eid = torch.randint(0, 16, (50, 4), generator=g)
+    w, e = route_hash(logits, tid2eid, torch.tensor([3, 9, 0, 49, 7]), 1.5)
+    assert torch.equal(e, tid2eid[[3, 9, 0, 49, 7]])
+
+
+def _random_experts(n, inter, hidden, fmt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        trio = [quantize_mxfp4(torch.randn(shape, generator=g) * shape[1] ** -0.5)
+                for shape in ((inter, hidden), (hidden, inter), (inter, hidden))]
+        if fmt == "nvfp4":
+            trio = [mxfp4_to_nvfp4(w) for w in trio]
+        out.append(tuple(trio))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_stacking_is_bit_preserving(fmt):
+    experts = _random_experts(3, 64, 128, fmt)
+    stacked = stack_experts(experts)
+    assert stacked.fmt == fmt and stacked.w13.shape == (3, 128, 64)
+    for e, trio in enumerate(experts):
+        for a, b in zip(unstack(stacked, e), trio):
+            assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8))
+            assert torch.equal(a.dequantize(), b.dequantize())
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_twin_matches_a_per_token_loop(fmt):
+    hidden, inter, n_exp, k, t = 128, 64, 6, 2, 5
+    experts = _random_experts(n_exp, inter, hidden, fmt, seed=3)
+    stacked = stack_experts(experts)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(t, hidden, generator=g)
+    ids = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(t)])
+    w = torch.rand(t, k, generator=g)
+    out = moe_w4a16_ref(x, w, ids, stacked, swiglu_limit=1.0)  # a low limit so the clamps matter
+    for i in range(t):
+        ref = torch.zeros(hidden)
+        for j in range(k):
+            w1, w2, w3 = (q.dequantize() for q in experts[int(ids[i, j])])
+            gate, up = (x[i] @ w1.T).clamp(max=1.0), (x[i] @ w3.T).clamp(-1.0, 1.0)
+            ref += (w[i, j] * torch.nn.functional.silu(gate) * up) @ w2.T
+        assert torch.allclose(out[i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_every_kernel_variant_compiles_for_sm90a():
+    code = ("import os; os.environ['CUTE_DSL_ARCH'] = 'sm_90a'\n"
+            "from kernels.moe import _compiled\n"
+            "for gated in (True, False):\n"
+            "    for group in (16, 32):\n"
+            "        _compiled(gated, 6, group, 10.0, 'sm_90a')\n"
+            "print('compiled 4 variants')\n")
+    env = {**os.environ, "CUTE_DSL_ARCH": "sm_90a"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert run.returncode == 0 and "compiled 4 variants" in run.stdout, run.stderr[-3000:]
+
+
+def test_dispatch_kernel_compiles_for_sm90a():
+    code = ("import os; os.environ['CUTE_DSL_ARCH'] = 'sm_90a'\n"
+            "from kernels.moe import _compiled_dispatch\n"
+            "_compiled_dispatch(256, 'sm_90a'); _compiled_dispatch(384, 'sm_90a')\n"
+            "print('compiled dispatch')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "CUTE_DSL_ARCH": "sm_90a"}, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert run.returncode == 0 and "compiled dispatch" in run.stdout, run.stderr[-3000:]
