@@ -2,7 +2,7 @@
 import torch
 
 from bench.moe_w4a16 import SHAPES, graph_time
-from kernels.moe import _arch, _compiled, compile_kernels, dispatch, dispatch_fused, moe_w4a16
+from kernels.moe import _arch, _compiled, _vecs, compile_kernels, dispatch, dispatch_fused, moe_w4a16
 from tests.gpu.test_moe_w4a16 import random_stacked
 
 
@@ -27,8 +27,8 @@ def main():
         parts = {
             "dispatch torch": lambda: dispatch(ids, n_exp),
             "dispatch fused": lambda: dispatch_fused(ids, n_exp),
-            "L1": lambda: l1(x.view(torch.int32), st.w13.view(torch.int32), st.s13, st.g13, rw, *common, h),
-            "L2": lambda: l2(h.view(torch.int32), st.w2.view(torch.int32), st.s2, st.g2.view(-1, 1), rw, *common, y),
+            "L1": lambda: l1(_vecs(x), _vecs(st.w13), st.s13, st.g13, rw, *common, h),
+            "L2": lambda: l2(_vecs(h), _vecs(st.w2), st.s2, st.g2.view(-1, 1), rw, *common, y),
             "combine": lambda: y.view(t, k, -1).sum(1),
             "whole": lambda: moe_w4a16(x, w, ids, st, 10.0),
         }

@@ -45,7 +45,7 @@ def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: st
         shape = tuple(cute.sym_int() if d is None else d for d in dims)
         return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(len(shape)))[::-1], assumed_align=16)
 
-    args = (rm(cutlass.Int32, None, None), rm(cutlass.Int32, None, None, None), rm(cutlass.Uint8, None, None, None),
+    args = (rm(cutlass.Int32, None, None, 4), rm(cutlass.Int32, None, None, None, 4), rm(cutlass.Uint8, None, None, None),
             rm(cutlass.Float32, None, 2 if gated else 1), rm(cutlass.Float32, None), rm(cutlass.Int32, None),
             rm(cutlass.Int32, None), rm(cutlass.Int32, None), rm(cutlass.Int32, 1),
             rm(cutlass.BFloat16 if gated else cutlass.Float32, None, None),
@@ -95,12 +95,20 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
         _compiled_dispatch(num_experts, arch)
 
 
+def _vecs(t: torch.Tensor) -> torch.Tensor:
+    """[..., K] bf16 or packed-FP4 bytes -> int32 [..., K', 4]: 16-byte vectors for the kernels."""
+    words = t.view(torch.int32)
+    return words.view(*words.shape[:-1], words.shape[-1] // 4, 4)
+
+
 def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
               swiglu_limit: float) -> torch.Tensor:
     """x: bf16 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref)."""
     t, k = experts.shape
     if x.dtype != torch.bfloat16 or not x.is_contiguous():
         raise ValueError("moe_w4a16: x must be a contiguous bfloat16 tensor [T, D]")
+    if stacked.hidden % 32 or stacked.inter % 32:
+        raise ValueError("moe_w4a16: hidden and intermediate sizes must be multiples of 32")
     arch = _arch(x.device)
     d = dispatch_fused(experts, stacked.num_experts)
     route_w = weights.reshape(-1).float().contiguous()
@@ -108,7 +116,7 @@ def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, sta
     y = torch.empty(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
     common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
     l1 = _compiled(True, k, stacked.group, float(swiglu_limit), arch)
-    l1(x.view(torch.int32), stacked.w13.view(torch.int32), stacked.s13, stacked.g13, route_w, *common, h)
+    l1(_vecs(x), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
     l2 = _compiled(False, k, stacked.group, float(swiglu_limit), arch)
-    l2(h.view(torch.int32), stacked.w2.view(torch.int32), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
+    l2(_vecs(h), _vecs(stacked.w2), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
     return y.view(t, k, -1).sum(1)

@@ -46,8 +46,8 @@ def _block_scale(byte: Int32, nvfp4: cutlass.Constexpr) -> Float32:
 
 @cute.kernel
 def _grouped_gemv_kernel(
-    x_words: cute.Tensor,      # int32 [rows_in, K/2]: bf16 activations, two per word
-    w_words: cute.Tensor,      # int32 [E, N, K/8]: packed E2M1
+    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: bf16 activations, 8 per 4-word vector
+    w_vecs: cute.Tensor,       # int32 [E, N, K/32, 4]: packed E2M1, 32 per 4-word vector
     scales: cute.Tensor,       # uint8 [E, N, K/G]
     gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]
     route_w: cute.Tensor,      # fp32  [slots]
@@ -70,8 +70,7 @@ def _grouped_gemv_kernel(
         e = active_experts[by]
         s0 = active_start[by]
         s1 = active_start[by + 1]
-        k_words = w_words.shape[2]
-        words_per_group = group // 8
+        n_vecs = w_vecs.shape[2]
         halves = 2 if gated else 1
         for t0 in cutlass.range(s0, s1, TOKEN_TILE):
             n_valid = cutlass.min(s1 - t0, TOKEN_TILE)  # warp-uniform
@@ -84,30 +83,36 @@ def _grouped_gemv_kernel(
                     rows[tt] = slot // top_k
                 else:
                     rows[tt] = slot
-            for w in cutlass.range(lane, k_words, 32, unroll=4):
-                # Decode this word of each weight row once; it serves every token of the tile.
-                wv = cute.make_rmem_tensor((2, 8), Float32)
-                sv = cute.make_rmem_tensor((2,), Float32)
+            for v in cutlass.range(lane, n_vecs, 32, unroll=2):
+                # 16-byte loads: 32 weights per row (2 NVFP4 blocks or 1 MXFP4 block) and their scales.
+                wq = cute.make_rmem_tensor((2, 4), Int32)
+                sv = cute.make_rmem_tensor((2, 2), Float32)
                 for half in cutlass.range_constexpr(halves):
                     wrow = n + half * n_out
-                    word = w_words[e, wrow, w]
-                    sv[half] = _block_scale(Int32(scales[e, wrow, w // words_per_group]), group == 16)
-                    for j in cutlass.range_constexpr(4):
-                        lo, hi = _e2m1_pair(word, j)
-                        wv[half, j] = lo
-                        wv[half, j + 4] = hi
-                for tt in cutlass.range_constexpr(TOKEN_TILE):
-                    if tt < n_valid:
-                        xv = cute.make_rmem_tensor((8,), Float32)
-                        for i in cutlass.range_constexpr(4):  # 8 bf16 activations as 4 words
-                            xw = x_words[rows[tt], w * 4 + i]
-                            xv[2 * i] = (xw << 16).bitcast(Float32)
-                            xv[2 * i + 1] = (xw & -65536).bitcast(Float32)
-                        for half in cutlass.range_constexpr(halves):
-                            dot = Float32(0.0)
-                            for i in cutlass.range_constexpr(8):
-                                dot = dot + wv[half, i] * xv[i]
-                            acc[tt, half] = acc[tt, half] + dot * sv[half]
+                    vec = w_vecs[e, wrow, v, None].load()
+                    for q in cutlass.range_constexpr(4):
+                        wq[half, q] = vec[q]
+                    for b in cutlass.range_constexpr(32 // group):
+                        sv[half, b] = _block_scale(Int32(scales[e, wrow, v * (32 // group) + b]), group == 16)
+                for q in cutlass.range_constexpr(4):  # word q: weights 8q..8q+7 of the 32
+                    wv = cute.make_rmem_tensor((2, 8), Float32)
+                    for half in cutlass.range_constexpr(halves):
+                        for j in cutlass.range_constexpr(4):
+                            lo, hi = _e2m1_pair(wq[half, q], j)
+                            wv[half, j] = lo
+                            wv[half, j + 4] = hi
+                    for tt in cutlass.range_constexpr(TOKEN_TILE):
+                        if tt < n_valid:
+                            xvec = x_vecs[rows[tt], v * 4 + q, None].load()  # 8 bf16
+                            xv = cute.make_rmem_tensor((8,), Float32)
+                            for i in cutlass.range_constexpr(4):
+                                xv[2 * i] = (xvec[i] << 16).bitcast(Float32)
+                                xv[2 * i + 1] = (xvec[i] & -65536).bitcast(Float32)
+                            for half in cutlass.range_constexpr(halves):
+                                dot = Float32(0.0)
+                                for i in cutlass.range_constexpr(8):
+                                    dot = dot + wv[half, i] * xv[i]
+                                acc[tt, half] = acc[tt, half] + dot * sv[half, q // 2 if group == 16 else 0]
             for tt in cutlass.range_constexpr(TOKEN_TILE):
                 for half in cutlass.range_constexpr(2 if gated else 1):
                     acc[tt, half] = cute.arch.warp_reduction_sum(acc[tt, half])
