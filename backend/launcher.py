@@ -58,6 +58,10 @@ def _backend_dir(home: Path, into: Path) -> Path:
 def server_env() -> dict:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # This checkout first on the import path: a GPU host's site-packages may hold an unrelated
+    # top-level `kernels` package (HF's kernel hub client) that would shadow ours.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [libdir, env.get("LD_LIBRARY_PATH", "")] if p)
     return env

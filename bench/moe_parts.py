@@ -2,7 +2,7 @@
 import torch
 
 from bench.moe_w4a16 import SHAPES, graph_time
-from kernels.moe import _arch, _compiled, _vecs, compile_kernels, dispatch, dispatch_fused, moe_w4a16
+from kernels.moe import _arch, _compiled, _vecs, pair_order, compile_kernels, dispatch, dispatch_fused, moe_w4a16
 from tests.gpu.test_moe_w4a16 import random_stacked
 
 
@@ -20,14 +20,14 @@ def main():
         w = torch.rand(t, k, device="cuda")
         d = dispatch(ids, n_exp)
         rw = w.reshape(-1).contiguous()
-        h = torch.empty(t * k, inter, dtype=torch.bfloat16, device="cuda")
+        h = torch.empty(t * k, inter, dtype=torch.float16, device="cuda")
         y = torch.empty(t * k, hidden, dtype=torch.float32, device="cuda")
         common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
         l1, l2 = _compiled(True, k, 16, 10.0, arch), _compiled(False, k, 16, 10.0, arch)
         parts = {
             "dispatch torch": lambda: dispatch(ids, n_exp),
             "dispatch fused": lambda: dispatch_fused(ids, n_exp),
-            "L1": lambda: l1(_vecs(x), _vecs(st.w13), st.s13, st.g13, rw, *common, h),
+            "L1": lambda: l1(_vecs(pair_order(x)), _vecs(st.w13), st.s13, st.g13, rw, *common, h),
             "L2": lambda: l2(_vecs(h), _vecs(st.w2), st.s2, st.g2.view(-1, 1), rw, *common, y),
             "combine": lambda: y.view(t, k, -1).sum(1),
             "whole": lambda: moe_w4a16(x, w, ids, st, 10.0),

@@ -4,7 +4,7 @@
     moe_w4a16_ref(x, weights, experts, stacked, swiglu_limit)  the pure-torch twin (the spec)
 
 Both return fp32 [T, D]. The runner routes on the device (kernels.moe.routing.dispatch), runs the
-L1 kernel (w1||w3, clamped SwiGLU, routing weight) into a BF16 intermediate per (token, k) slot,
+L1 kernel (w1||w3, clamped SwiGLU, routing weight) into an FP16 intermediate per (token, k) slot,
 the L2 kernel (w2), and sums each token's k slots in order. No host syncs, static launch shapes:
 it captures into CUDA graphs. Kernels compile once per static configuration (format, top-k, gated,
 limit) for any token count, and are cached in memory and on disk (CUTE_DSL_CACHE_DIR).
@@ -48,7 +48,7 @@ def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: st
     args = (rm(cutlass.Int32, None, None, 4), rm(cutlass.Int32, None, None, None, 4), rm(cutlass.Uint8, None, None, None),
             rm(cutlass.Float32, None, 2 if gated else 1), rm(cutlass.Float32, None), rm(cutlass.Int32, None),
             rm(cutlass.Int32, None), rm(cutlass.Int32, None), rm(cutlass.Int32, 1),
-            rm(cutlass.BFloat16 if gated else cutlass.Float32, None, None),
+            rm(cutlass.Float16 if gated else cutlass.Float32, None, None),
             make_fake_stream(use_tvm_ffi_env_stream=True))
     return cute.compile(grouped_gemv, *args, top_k, group, gated, swiglu_limit, options="--enable-tvm-ffi")
 
@@ -95,6 +95,12 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
         _compiled_dispatch(num_experts, arch)
 
 
+def pair_order(x: torch.Tensor) -> torch.Tensor:
+    """Activations [T, D] as f16 in the kernels' pair order: within each 8, (0,4),(1,5),(2,6),(3,7)."""
+    t, d = x.shape
+    return x.view(t, d // 8, 2, 4).transpose(-1, -2).reshape(t, d).to(torch.float16)
+
+
 def _vecs(t: torch.Tensor) -> torch.Tensor:
     """[..., K] bf16 or packed-FP4 bytes -> int32 [..., K', 4]: 16-byte vectors for the kernels."""
     words = t.view(torch.int32)
@@ -103,20 +109,22 @@ def _vecs(t: torch.Tensor) -> torch.Tensor:
 
 def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
               swiglu_limit: float) -> torch.Tensor:
-    """x: bf16 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref)."""
+    """x: bf16 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref).
+    Inner products run in f16x2 per 8 weights (activations converted to f16, which holds BF16
+    activations exactly within +-65504), accumulated in fp32 with the block scale per word."""
     t, k = experts.shape
     if x.dtype != torch.bfloat16 or not x.is_contiguous():
         raise ValueError("moe_w4a16: x must be a contiguous bfloat16 tensor [T, D]")
     if stacked.hidden % 32 or stacked.inter % 32:
-        raise ValueError("moe_w4a16: hidden and intermediate sizes must be multiples of 32")
+        raise ValueError("moe_w4a16: hidden and intermediate sizes must be multiples of 32")  # also of ROWS (4)
     arch = _arch(x.device)
     d = dispatch_fused(experts, stacked.num_experts)
     route_w = weights.reshape(-1).float().contiguous()
-    h = torch.empty(t * k, stacked.inter, dtype=torch.bfloat16, device=x.device)
+    h = torch.empty(t * k, stacked.inter, dtype=torch.float16, device=x.device)
     y = torch.empty(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
     common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
     l1 = _compiled(True, k, stacked.group, float(swiglu_limit), arch)
-    l1(_vecs(x), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
+    l1(_vecs(pair_order(x)), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
     l2 = _compiled(False, k, stacked.group, float(swiglu_limit), arch)
     l2(_vecs(h), _vecs(stacked.w2), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
     return y.view(t, k, -1).sum(1)

@@ -92,7 +92,7 @@ def moe_w4a16_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                   swiglu_limit: float) -> torch.Tensor:
     """The spec of the routed-expert MoE (W4A16). x: [T, D] (bf16 or fp32); weights fp32 [T, k];
     experts [T, k]. Per (token, k) slot: h = w * silu(min(x W1^T, limit)) * clamp(x W3^T, +-limit),
-    rounded to x's dtype (the runners keep h in the activation dtype), y = h W2^T in fp32; the
+    rounded to fp16 (the runners keep h in fp16), y = h W2^T in fp32; the
     output sums a token's k slots in order k = 0..K-1. -> fp32 [T, D]."""
     t, k = experts.shape
     d = dispatch(experts, stacked.num_experts)
@@ -105,6 +105,6 @@ def moe_w4a16_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
         xs = x[slots // k].float()
         gate = (xs @ w1.T).clamp(max=swiglu_limit)
         up = (xs @ w3.T).clamp(-swiglu_limit, swiglu_limit)
-        h = (weights.reshape(-1)[slots, None] * torch.nn.functional.silu(gate) * up).to(x.dtype)
+        h = (weights.reshape(-1)[slots, None] * torch.nn.functional.silu(gate) * up).half()
         y[slots] = h.float() @ w2.T
     return y.view(t, k, -1).sum(1)

@@ -1,7 +1,7 @@
 """Grouped W4A16 expert GEMMs for decode-sized batches, CuTe DSL (compiles for sm_90a and newer).
 
-One warp computes one output row of one active expert for that expert's tokens: it streams the
-row's packed E2M1 bytes once (coalesced 4-byte loads across the warp), decodes them in registers,
+One warp computes ROWS_L1 (L1) or ROWS_L2 (L2) output rows of one active expert for that expert's tokens: it streams the
+rows' packed E2M1 bytes once (16-byte loads, coalesced across the warp), decodes them in registers,
 applies the block scale per 16 (NVFP4, E4M3) or per 32 (MXFP4, E8M0) elements, and accumulates
 fp32 dot products with each token (up to TOKEN_TILE at a time), reduced across the warp.
 Grid: (rows / WARPS, max active experts); blocks past the device-side `num_active` exit, so the
@@ -18,21 +18,43 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import BFloat16, Float16, Float32, Int16, Int32, Uint8
+from cutlass import Float16, Float32, Int16, Int32
+from cutlass._mlir.dialects import llvm as mlir_llvm
+from cutlass.cutlass_dsl import dsl_user_op
 
 WARPS = 4
+# Weight rows per warp: 4 for L2, 1 for L1 (whose rows come in w1/w3 pairs; more spilled registers): amortizes each warp's
+# setup (expert, token slots) and keeps 4 independent 16-byte loads in flight per lane.
+ROWS_L1, ROWS_L2 = 1, 4
 TOKEN_TILE = 4
 E2M1_F16_CORRECTION = 2.0**14  # decoded f16 = value * 2^-14
 E4M3_F16_CORRECTION = 2.0**8   # decoded f16 = scale * 2^-8
 
 
 @cute.jit
-def _e2m1_pair(word: Int32, j: cutlass.Constexpr):
-    """Elements j and j+4 (0 <= j < 4) of a word of 8 packed E2M1 (low nibble first), times 2^-14.
-    One 32-bit pass builds both f16 values (nibbles j and j+4 sit at bits 4j and 16+4j)."""
+def _e2m1_pair(word: Int32, j: cutlass.Constexpr) -> Int32:
+    """Elements j and j+4 (0 <= j < 4) of a word of 8 packed E2M1 (low nibble first) as an f16x2
+    (element j low), each times 2^-14: nibbles j and j+4 sit at bits 4j and 16+4j, so one 32-bit
+    pass places both under the f16 exponent/mantissa (subnormals included) with the sign on top."""
     s = word >> (4 * j) if cutlass.const_expr(j > 0) else word
-    h = ((s & 0x00070007) << 9) | ((s & 0x00080008) << 12)
-    return Int16(h).bitcast(Float16).to(Float32), Int16(h >> 16).bitcast(Float16).to(Float32)
+    return ((s & 0x00070007) << 9) | ((s & 0x00080008) << 12)
+
+
+@dsl_user_op
+def _hfma2(a: Int32, b: Int32, c: Int32, *, loc=None, ip=None) -> Int32:
+    """a * b + c on f16x2 registers."""
+    return Int32(mlir_llvm.inline_asm(Int32.mlir_type, [a.ir_value(loc=loc, ip=ip), b.ir_value(loc=loc, ip=ip),
+                                                        c.ir_value(loc=loc, ip=ip)],
+                                      "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def _f16x2_sum(h: Int32, *, loc=None, ip=None) -> Float32:
+    """lo + hi of an f16x2, in fp32."""
+    return Float32(mlir_llvm.inline_asm(
+        Float32.mlir_type, [h.ir_value(loc=loc, ip=ip)],
+        "{ .reg .f16 lo, hi; .reg .f32 a, b; mov.b32 {lo, hi}, $1; cvt.f32.f16 a, lo; cvt.f32.f16 b, hi; "
+        "add.f32 $0, a, b; }", "=f,r", loc=loc, ip=ip))
 
 
 @cute.jit
@@ -46,7 +68,7 @@ def _block_scale(byte: Int32, nvfp4: cutlass.Constexpr) -> Float32:
 
 @cute.kernel
 def _grouped_gemv_kernel(
-    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: bf16 activations, 8 per 4-word vector
+    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: f16 activations, 8 per vector, pairs (j, j+4)
     w_vecs: cute.Tensor,       # int32 [E, N, K/32, 4]: packed E2M1, 32 per 4-word vector
     scales: cute.Tensor,       # uint8 [E, N, K/G]
     gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]
@@ -55,18 +77,19 @@ def _grouped_gemv_kernel(
     active_experts: cute.Tensor,
     active_start: cute.Tensor,
     num_active: cute.Tensor,
-    out: cute.Tensor,          # gated: bf16 [slots, N/2]; else fp32 [slots, N]
+    out: cute.Tensor,          # gated: f16 [slots, N/2] (pair order); else fp32 [slots, N]
     top_k: cutlass.Constexpr,
     group: cutlass.Constexpr,
     gated: cutlass.Constexpr,
     swiglu_limit: cutlass.Constexpr,
 ):
+    ROWS = ROWS_L1 if gated else ROWS_L2
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     bx, by, _ = cute.arch.block_idx()
     n_out = out.shape[1]
-    n = bx * WARPS + warp
-    if by < num_active[0] and n < n_out:
+    n0 = (bx * WARPS + warp) * ROWS  # first of this warp's rows (n_out is a multiple of ROWS)
+    if by < num_active[0] and n0 < n_out:
         e = active_experts[by]
         s0 = active_start[by]
         s1 = active_start[by + 1]
@@ -74,7 +97,7 @@ def _grouped_gemv_kernel(
         halves = 2 if gated else 1
         for t0 in cutlass.range(s0, s1, TOKEN_TILE):
             n_valid = cutlass.min(s1 - t0, TOKEN_TILE)  # warp-uniform
-            acc = cute.make_rmem_tensor((TOKEN_TILE, 2), Float32)
+            acc = cute.make_rmem_tensor((TOKEN_TILE, ROWS, 2), Float32)
             acc.fill(0.0)
             rows = cute.make_rmem_tensor((TOKEN_TILE,), Int32)
             for tt in cutlass.range_constexpr(TOKEN_TILE):
@@ -83,51 +106,50 @@ def _grouped_gemv_kernel(
                     rows[tt] = slot // top_k
                 else:
                     rows[tt] = slot
-            for v in cutlass.range(lane, n_vecs, 32, unroll=2):
-                # 16-byte loads: 32 weights per row (2 NVFP4 blocks or 1 MXFP4 block) and their scales.
-                wq = cute.make_rmem_tensor((2, 4), Int32)
-                sv = cute.make_rmem_tensor((2, 2), Float32)
-                for half in cutlass.range_constexpr(halves):
-                    wrow = n + half * n_out
-                    vec = w_vecs[e, wrow, v, None].load()
-                    for q in cutlass.range_constexpr(4):
-                        wq[half, q] = vec[q]
-                    for b in cutlass.range_constexpr(32 // group):
-                        sv[half, b] = _block_scale(Int32(scales[e, wrow, v * (32 // group) + b]), group == 16)
-                for q in cutlass.range_constexpr(4):  # word q: weights 8q..8q+7 of the 32
-                    wv = cute.make_rmem_tensor((2, 8), Float32)
+            for v in cutlass.range(lane, n_vecs, 32):
+                # 16-byte loads: 32 weights of every row (2 NVFP4 blocks or 1 MXFP4 block) and their scales.
+                wq = cute.make_rmem_tensor((ROWS, 2, 4), Int32)
+                sv = cute.make_rmem_tensor((ROWS, 2, 2), Float32)
+                for r in cutlass.range_constexpr(ROWS):
                     for half in cutlass.range_constexpr(halves):
-                        for j in cutlass.range_constexpr(4):
-                            lo, hi = _e2m1_pair(wq[half, q], j)
-                            wv[half, j] = lo
-                            wv[half, j + 4] = hi
+                        wrow = n0 + r + half * n_out
+                        vec = w_vecs[e, wrow, v, None].load()
+                        for q in cutlass.range_constexpr(4):
+                            wq[r, half, q] = vec[q]
+                        for b in cutlass.range_constexpr(32 // group):
+                            sv[r, half, b] = _block_scale(Int32(scales[e, wrow, v * (32 // group) + b]), group == 16)
+                for q in cutlass.range_constexpr(4):  # word q: weights 8q..8q+7 of the 32
                     for tt in cutlass.range_constexpr(TOKEN_TILE):
                         if tt < n_valid:
-                            xvec = x_vecs[rows[tt], v * 4 + q, None].load()  # 8 bf16
-                            xv = cute.make_rmem_tensor((8,), Float32)
-                            for i in cutlass.range_constexpr(4):
-                                xv[2 * i] = (xvec[i] << 16).bitcast(Float32)
-                                xv[2 * i + 1] = (xvec[i] & -65536).bitcast(Float32)
-                            for half in cutlass.range_constexpr(halves):
-                                dot = Float32(0.0)
-                                for i in cutlass.range_constexpr(8):
-                                    dot = dot + wv[half, i] * xv[i]
-                                acc[tt, half] = acc[tt, half] + dot * sv[half, q // 2 if group == 16 else 0]
+                            xvec = x_vecs[rows[tt], v * 4 + q, None].load()  # 4 f16x2, pairs (j, j+4)
+                            for r in cutlass.range_constexpr(ROWS):
+                                for half in cutlass.range_constexpr(halves):
+                                    dot = Int32(0)
+                                    for j in cutlass.range_constexpr(4):
+                                        dot = _hfma2(_e2m1_pair(wq[r, half, q], j), xvec[j], dot)
+                                    acc[tt, r, half] = acc[tt, r, half] + _f16x2_sum(dot) * sv[
+                                        r, half, q // 2 if group == 16 else 0]
             for tt in cutlass.range_constexpr(TOKEN_TILE):
-                for half in cutlass.range_constexpr(2 if gated else 1):
-                    acc[tt, half] = cute.arch.warp_reduction_sum(acc[tt, half])
+                for r in cutlass.range_constexpr(ROWS):
+                    for half in cutlass.range_constexpr(halves):
+                        acc[tt, r, half] = cute.arch.warp_reduction_sum(acc[tt, r, half])
             if lane == 0:
                 for tt in cutlass.range_constexpr(TOKEN_TILE):
                     if t0 + tt < s1:
                         slot = sorted_slots[t0 + tt]
-                        if cutlass.const_expr(gated):
-                            g = cutlass.min(acc[tt, 0] * gscale[e, 0], Float32(swiglu_limit))
-                            u = cutlass.max(cutlass.min(acc[tt, 1] * gscale[e, 1], Float32(swiglu_limit)),
-                                            Float32(-swiglu_limit))
-                            silu = g / (Float32(1.0) + cute.math.exp(-g))
-                            out[slot, n] = (route_w[slot] * silu * u).to(BFloat16)
-                        else:
-                            out[slot, n] = acc[tt, 0] * gscale[e, 0]
+                        for r in cutlass.range_constexpr(ROWS):
+                            n = n0 + r
+                            if cutlass.const_expr(gated):
+                                g = cutlass.min(acc[tt, r, 0] * gscale[e, 0], Float32(swiglu_limit))
+                                u = cutlass.max(cutlass.min(acc[tt, r, 1] * gscale[e, 1], Float32(swiglu_limit)),
+                                                Float32(-swiglu_limit))
+                                silu = g / (Float32(1.0) + cute.math.exp(-g))
+                                # h is stored in the pair order the L2 kernel reads: (j, j+4) within each 8.
+                                rr = n % 8
+                                pos = n - rr + (2 * rr if rr < 4 else 2 * rr - 7)
+                                out[slot, pos] = (route_w[slot] * silu * u).to(Float16)
+                            else:
+                                out[slot, n] = acc[tt, r, 0] * gscale[e, 0]
 
 
 @cute.jit
@@ -135,6 +157,9 @@ def grouped_gemv(x_words, w_words, scales, gscale, route_w, sorted_slots, active
                  out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
                  swiglu_limit: cutlass.Constexpr):
     rows = out.shape[1]
+    rows_per_warp = ROWS_L1 if gated else ROWS_L2
     _grouped_gemv_kernel(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start,
                          num_active, out, top_k, group, gated, swiglu_limit).launch(
-        grid=[(rows + WARPS - 1) // WARPS, active_experts.shape[0], 1], block=[32 * WARPS, 1, 1], stream=stream)
+        grid=[(rows + WARPS * rows_per_warp - 1) // (WARPS * rows_per_warp), active_experts.shape[0], 1],
+        block=[32 * WARPS, 1, 1],
+        stream=stream)
