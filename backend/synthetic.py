@@ -59,14 +59,15 @@ def flash_shaped_args(layers: int = 4, **overrides) -> ModelArgs:
     return ModelArgs(**{**dict(num_hidden_layers=layers, compress_ratios=ratios), **overrides})
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+def _generator(seed: int, name: str, device="cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
-def source_tensor(spec: ParamSpec, args: ModelArgs, seed: int) -> torch.Tensor:
-    """The float values (or integer table) of one parameter, independent of the flavor."""
-    g = _generator(seed, spec.name)
-    r = torch.randn(spec.shape, generator=g) if spec.role != "tid2eid" else None
+def source_tensor(spec: ParamSpec, args: ModelArgs, seed: int, device="cpu") -> torch.Tensor:
+    """The float values (or integer table) of one parameter, independent of the flavor (and
+    deterministic per device: a CUDA generator draws other numbers than the CPU one)."""
+    g = _generator(seed, spec.name, device)
+    r = torch.randn(spec.shape, generator=g, device=device) if spec.role != "tid2eid" else None
     match spec.role:
         case "norm":
             return 1.0 + 0.1 * r
@@ -79,7 +80,7 @@ def source_tensor(spec: ParamSpec, args: ModelArgs, seed: int) -> torch.Tensor:
         case "bias":
             return 0.1 * r
         case "tid2eid":
-            keys = torch.rand(spec.shape[0], args.n_routed_experts, generator=g)
+            keys = torch.rand(spec.shape[0], args.n_routed_experts, generator=g, device=device)
             return keys.argsort(dim=-1)[:, : spec.shape[1]].to(torch.int32)
         case "embed":
             return r if spec.name.startswith("embed") else r * spec.shape[1] ** -0.5
@@ -114,14 +115,19 @@ def encode_linear(spec: ParamSpec, value: torch.Tensor, fmt: str, fp8_scale: tor
     return {f"{base}.weight": q.weight, f"{base}.scale": q.scale}
 
 
-def _checkpoint_tensors(args: ModelArgs, flavor: str, seed: int, fp8_scale: torch.dtype):
+def _shard_group(name: str) -> str:
+    """Shards hold one block each (`layers.3`, `mtp.0`), or one top-level tensor."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("layers", "mtp") else parts[0]
+
+
+def _checkpoint_tensors(args: ModelArgs, flavor: str, seed: int, fp8_scale: torch.dtype, device="cpu"):
     """Yields (layer group, {name: tensor}) one group at a time, to bound memory."""
     groups: dict[str, list[ParamSpec]] = {}
     for spec in model_params(args):
-        key = spec.name.split(".")[0] + ("." + spec.name.split(".")[1] if spec.name.startswith(("layers.", "mtp.")) else "")
-        groups.setdefault(key, []).append(spec)
+        groups.setdefault(_shard_group(spec.name), []).append(spec)
     for key, specs in groups.items():
-        out, values = {}, {s.name: source_tensor(s, args, seed) for s in specs}
+        out, values = {}, {s.name: source_tensor(s, args, seed, device) for s in specs}
         pair_scales = {}
         for s in specs:
             if s.kind != "linear":
@@ -136,7 +142,7 @@ def _checkpoint_tensors(args: ModelArgs, flavor: str, seed: int, fp8_scale: torc
                     pair_scales[base] = _shared_scale(fmt, s.role, values[f"{base}.w1"], values[f"{base}.w3"])
                 pair = pair_scales[base]
             out.update(encode_linear(s, values[s.name], fmt, fp8_scale, pair))
-        yield key, out
+        yield key, {k: v.cpu() for k, v in out.items()}
 
 
 def _shared_scale(fmt: str, role: str, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor | None:
@@ -165,9 +171,10 @@ def quant_json(flavor: str) -> tuple[dict, dict | None]:
 
 
 def generate(out_dir: str | Path, flavor: str = "nvidia-nvfp4", size: str = "tiny", seed: int = 0,
-             layers: int = 4, fp8_scale: str = "e8m0", args: ModelArgs | None = None) -> Path:
+             layers: int = 4, fp8_scale: str = "e8m0", args: ModelArgs | None = None, device="cpu") -> Path:
     """Write a synthetic checkpoint (config, hf_quant_config, sharded safetensors + index,
-    tokenizer) to out_dir and return the path."""
+    tokenizer) to out_dir and return the path. `device="cuda"` draws and quantizes on the GPU
+    (a flash-shaped layer holds ~3.6 GB of experts)."""
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
     if args is None:
@@ -178,9 +185,9 @@ def generate(out_dir: str | Path, flavor: str = "nvidia-nvfp4", size: str = "tin
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weight_map = {}
-    groups = list(_checkpoint_tensors(args, flavor, seed, scale_dtype))
-    for i, (_, tensors) in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+    n_groups = len({_shard_group(s.name) for s in model_params(args)})
+    for i, (_, tensors) in enumerate(_checkpoint_tensors(args, flavor, seed, scale_dtype, device)):
+        fname = f"model-{i + 1:05d}-of-{n_groups:05d}.safetensors"  # one group in memory at a time
         save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(out / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in tensors})
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
@@ -219,8 +226,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8-scale", choices=("e8m0", "fp32"), default="e8m0",
                    help="FP8 block scale dtype (fp32 as in the -Base releases)")
+    p.add_argument("--device", default="cpu", help="where to draw and quantize (cuda: fast for flash-shaped)")
     a = p.parse_args(argv)
-    path = generate(a.out_dir, a.flavor, a.size, a.seed, a.layers, a.fp8_scale)
+    path = generate(a.out_dir, a.flavor, a.size, a.seed, a.layers, a.fp8_scale, device=a.device)
     print(f"wrote {a.size} {a.flavor} checkpoint to {path}")
 
 

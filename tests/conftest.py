@@ -1,10 +1,17 @@
 """Shared fixtures: synthetic tiny checkpoints, generated once per test session."""
 from __future__ import annotations
 
-import pytest
-import torch
+import sys
+from pathlib import Path
 
-from backend.synthetic import generate, tiny_args
+# This checkout first: a GPU host may have an unrelated top-level `kernels` package (HF's kernel
+# hub client, installed with transformers) that would shadow ours.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from backend.synthetic import generate, tiny_args  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
