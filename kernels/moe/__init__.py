@@ -31,15 +31,19 @@ def _ensure_cache_dir() -> None:
 
 
 @functools.cache
-def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: str):
-    """One compiled grouped GEMV per static configuration; every size is a runtime value."""
+def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: str, tiles: tuple | None = None):
+    """One compiled grouped GEMV per static configuration; every size is a runtime value.
+    tiles: (warps, rows per warp, token tile); default: the module's tuned values."""
     _ensure_cache_dir()
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor
     from cutlass.runtime import make_fake_stream
 
-    from .w4a16_sm90 import grouped_gemv
+    from . import w4a16_sm90 as kernel
+
+    if tiles is None:
+        tiles = (kernel.WARPS, kernel.ROWS_L1 if gated else kernel.ROWS_L2, kernel.TOKEN_TILE)
 
     def rm(dtype, *dims):  # row-major fake tensor with symbolic sizes
         shape = tuple(cute.sym_int() if d is None else d for d in dims)
@@ -50,7 +54,7 @@ def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: st
             rm(cutlass.Int32, None), rm(cutlass.Int32, None), rm(cutlass.Int32, 1),
             rm(cutlass.Float16 if gated else cutlass.Float32, None, None),
             make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(grouped_gemv, *args, top_k, group, gated, swiglu_limit, options="--enable-tvm-ffi")
+    return cute.compile(kernel.grouped_gemv, *args, top_k, group, gated, swiglu_limit, *tiles, options="--enable-tvm-ffi")
 
 
 @functools.cache

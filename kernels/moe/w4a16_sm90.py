@@ -1,10 +1,10 @@
 """Grouped W4A16 expert GEMMs for decode-sized batches, CuTe DSL (compiles for sm_90a and newer).
 
-One warp computes ROWS_L1 (L1) or ROWS_L2 (L2) output rows of one active expert for that expert's tokens: it streams the
+One warp computes `rows_per_warp` output rows of one active expert for that expert's tokens: it streams the
 rows' packed E2M1 bytes once (16-byte loads, coalesced across the warp), decodes them in registers,
 applies the block scale per 16 (NVFP4, E4M3) or per 32 (MXFP4, E8M0) elements, and accumulates
-fp32 dot products with each token (up to TOKEN_TILE at a time), reduced across the warp.
-Grid: (rows / WARPS, max active experts); blocks past the device-side `num_active` exit, so the
+fp32 dot products with each token (up to `token_tile` at a time), reduced across the warp.
+Grid: (rows / (warps * rows_per_warp), max active experts); blocks past the device-side `num_active` exit, so the
 launch shape is static and the kernels capture into CUDA graphs.
 
   L1 (`gated=True`):  h[slot, n] = w_route * silu(min(g1 * x.W1[n], L)) * clamp(g3 * x.W3[n], +-L)   (bf16)
@@ -22,11 +22,12 @@ from cutlass import Float16, Float32, Int16, Int32
 from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
+# Default tiling (bench/moe_tiles.py sweeps these on a GPU). Weight rows per warp amortize each
+# warp's setup (expert, token slots) and put more independent 16-byte loads in flight per lane;
+# L1's rows come in w1/w3 pairs, so it takes fewer.
 WARPS = 4
-# Weight rows per warp: 4 for L2, 1 for L1 (whose rows come in w1/w3 pairs; more spilled registers): amortizes each warp's
-# setup (expert, token slots) and keeps 4 independent 16-byte loads in flight per lane.
-ROWS_L1, ROWS_L2 = 1, 4
-TOKEN_TILE = 4
+ROWS_L1, ROWS_L2 = 2, 4
+TOKEN_TILE = 1
 E2M1_F16_CORRECTION = 2.0**14  # decoded f16 = value * 2^-14
 E4M3_F16_CORRECTION = 2.0**8   # decoded f16 = scale * 2^-8
 
@@ -82,25 +83,27 @@ def _grouped_gemv_kernel(
     group: cutlass.Constexpr,
     gated: cutlass.Constexpr,
     swiglu_limit: cutlass.Constexpr,
+    warps: cutlass.Constexpr,
+    rows_per_warp: cutlass.Constexpr,
+    token_tile: cutlass.Constexpr,
 ):
-    ROWS = ROWS_L1 if gated else ROWS_L2
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     bx, by, _ = cute.arch.block_idx()
     n_out = out.shape[1]
-    n0 = (bx * WARPS + warp) * ROWS  # first of this warp's rows (n_out is a multiple of ROWS)
+    n0 = (bx * warps + warp) * rows_per_warp  # first of this warp's rows (n_out is a multiple of rows_per_warp)
     if by < num_active[0] and n0 < n_out:
         e = active_experts[by]
         s0 = active_start[by]
         s1 = active_start[by + 1]
         n_vecs = w_vecs.shape[2]
         halves = 2 if gated else 1
-        for t0 in cutlass.range(s0, s1, TOKEN_TILE):
-            n_valid = cutlass.min(s1 - t0, TOKEN_TILE)  # warp-uniform
-            acc = cute.make_rmem_tensor((TOKEN_TILE, ROWS, 2), Float32)
+        for t0 in cutlass.range(s0, s1, token_tile):
+            n_valid = cutlass.min(s1 - t0, token_tile)  # warp-uniform
+            acc = cute.make_rmem_tensor((token_tile, rows_per_warp, 2), Float32)
             acc.fill(0.0)
-            rows = cute.make_rmem_tensor((TOKEN_TILE,), Int32)
-            for tt in cutlass.range_constexpr(TOKEN_TILE):
+            rows = cute.make_rmem_tensor((token_tile,), Int32)
+            for tt in cutlass.range_constexpr(token_tile):
                 slot = sorted_slots[cutlass.min(t0 + tt, s1 - 1)]
                 if cutlass.const_expr(gated):
                     rows[tt] = slot // top_k
@@ -108,9 +111,9 @@ def _grouped_gemv_kernel(
                     rows[tt] = slot
             for v in cutlass.range(lane, n_vecs, 32):
                 # 16-byte loads: 32 weights of every row (2 NVFP4 blocks or 1 MXFP4 block) and their scales.
-                wq = cute.make_rmem_tensor((ROWS, 2, 4), Int32)
-                sv = cute.make_rmem_tensor((ROWS, 2, 2), Float32)
-                for r in cutlass.range_constexpr(ROWS):
+                wq = cute.make_rmem_tensor((rows_per_warp, 2, 4), Int32)
+                sv = cute.make_rmem_tensor((rows_per_warp, 2, 2), Float32)
+                for r in cutlass.range_constexpr(rows_per_warp):
                     for half in cutlass.range_constexpr(halves):
                         wrow = n0 + r + half * n_out
                         vec = w_vecs[e, wrow, v, None].load()
@@ -119,25 +122,25 @@ def _grouped_gemv_kernel(
                         for b in cutlass.range_constexpr(32 // group):
                             sv[r, half, b] = _block_scale(Int32(scales[e, wrow, v * (32 // group) + b]), group == 16)
                 for q in cutlass.range_constexpr(4):  # word q: weights 8q..8q+7 of the 32
-                    for tt in cutlass.range_constexpr(TOKEN_TILE):
+                    for tt in cutlass.range_constexpr(token_tile):
                         if tt < n_valid:
                             xvec = x_vecs[rows[tt], v * 4 + q, None].load()  # 4 f16x2, pairs (j, j+4)
-                            for r in cutlass.range_constexpr(ROWS):
+                            for r in cutlass.range_constexpr(rows_per_warp):
                                 for half in cutlass.range_constexpr(halves):
                                     dot = Int32(0)
                                     for j in cutlass.range_constexpr(4):
                                         dot = _hfma2(_e2m1_pair(wq[r, half, q], j), xvec[j], dot)
                                     acc[tt, r, half] = acc[tt, r, half] + _f16x2_sum(dot) * sv[
                                         r, half, q // 2 if group == 16 else 0]
-            for tt in cutlass.range_constexpr(TOKEN_TILE):
-                for r in cutlass.range_constexpr(ROWS):
+            for tt in cutlass.range_constexpr(token_tile):
+                for r in cutlass.range_constexpr(rows_per_warp):
                     for half in cutlass.range_constexpr(halves):
                         acc[tt, r, half] = cute.arch.warp_reduction_sum(acc[tt, r, half])
             if lane == 0:
-                for tt in cutlass.range_constexpr(TOKEN_TILE):
+                for tt in cutlass.range_constexpr(token_tile):
                     if t0 + tt < s1:
                         slot = sorted_slots[t0 + tt]
-                        for r in cutlass.range_constexpr(ROWS):
+                        for r in cutlass.range_constexpr(rows_per_warp):
                             n = n0 + r
                             if cutlass.const_expr(gated):
                                 g = cutlass.min(acc[tt, r, 0] * gscale[e, 0], Float32(swiglu_limit))
@@ -155,11 +158,11 @@ def _grouped_gemv_kernel(
 @cute.jit
 def grouped_gemv(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start, num_active,
                  out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
-                 swiglu_limit: cutlass.Constexpr):
+                 swiglu_limit: cutlass.Constexpr, warps: cutlass.Constexpr, rows_per_warp: cutlass.Constexpr,
+                 token_tile: cutlass.Constexpr):
     rows = out.shape[1]
-    rows_per_warp = ROWS_L1 if gated else ROWS_L2
     _grouped_gemv_kernel(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start,
-                         num_active, out, top_k, group, gated, swiglu_limit).launch(
-        grid=[(rows + WARPS * rows_per_warp - 1) // (WARPS * rows_per_warp), active_experts.shape[0], 1],
-        block=[32 * WARPS, 1, 1],
+                         num_active, out, top_k, group, gated, swiglu_limit, warps, rows_per_warp, token_tile).launch(
+        grid=[(rows + warps * rows_per_warp - 1) // (warps * rows_per_warp), active_experts.shape[0], 1],
+        block=[32 * warps, 1, 1],
         stream=stream)
