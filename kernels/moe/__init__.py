@@ -102,7 +102,9 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
 def pair_order(x: torch.Tensor) -> torch.Tensor:
     """Activations [T, D] as f16 in the kernels' pair order: within each 8, (0,4),(1,5),(2,6),(3,7)."""
     t, d = x.shape
-    return x.view(t, d // 8, 2, 4).transpose(-1, -2).reshape(t, d).to(torch.float16)
+    out = torch.empty(t, d, dtype=torch.float16, device=x.device)
+    out.view(t, d // 8, 4, 2).copy_(x.view(t, d // 8, 2, 4).transpose(-1, -2))  # one kernel: permute + convert
+    return out
 
 
 def _vecs(t: torch.Tensor) -> torch.Tensor:
