@@ -3,11 +3,14 @@
     moe_w4a16(x, weights, experts, stacked, swiglu_limit)      CuTe DSL runner (sm_90a and newer)
     moe_w4a16_ref(x, weights, experts, stacked, swiglu_limit)  the pure-torch twin (the spec)
 
-Both return fp32 [T, D]. The runner routes on the device (kernels.moe.routing.dispatch), runs the
-L1 kernel (w1||w3, clamped SwiGLU, routing weight) into an FP16 intermediate per (token, k) slot,
-the L2 kernel (w2), and sums each token's k slots in order. No host syncs, static launch shapes:
-it captures into CUDA graphs. Kernels compile once per static configuration (format, top-k, gated,
-limit) for any token count, and are cached in memory and on disk (CUTE_DSL_CACHE_DIR).
+Both return fp32 [T, D]. The runner groups slots by expert on the device in one kernel
+(`dispatch_fused`, the same result as the twin's `routing.dispatch` up to the order of slots within
+an expert, which no output depends on). It runs the L1 kernel (w1||w3, clamped SwiGLU, routing
+weight) into an FP16 intermediate per (token, k) slot, then the L2 kernel (w2), and sums each
+token's k slots in order. No host syncs and static launch shapes, so it captures into CUDA graphs.
+Kernels compile once per static configuration (format, top-k, limit, experts) for any token
+count, and are cached in memory and on disk (CUTE_DSL_CACHE_DIR). Call `compile_kernels` (or run
+once eagerly) before capturing a graph: compiling cannot happen inside a capture.
 """
 from __future__ import annotations
 

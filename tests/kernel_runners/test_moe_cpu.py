@@ -109,3 +109,11 @@ def test_dispatch_kernel_compiles_for_sm90a():
                          env={**os.environ, "CUTE_DSL_ARCH": "sm_90a"}, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert run.returncode == 0 and "compiled dispatch" in run.stdout, run.stderr[-3000:]
+
+
+def test_dense_w4a16_twin_is_the_dequantized_matmul():
+    from kernels.linear import linear_w4a16_ref
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9))
+    for q in (mxfp4_to_nvfp4(quantize_mxfp4(w)), quantize_mxfp4(w)):
+        assert torch.allclose(linear_w4a16_ref(x, q), x @ q.dequantize().T)

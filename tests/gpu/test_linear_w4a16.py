@@ -1,0 +1,47 @@
+"""Dense W4A16 runner vs its twin on the GPU (marker gpu), every V4 projection shape."""
+import pytest
+import torch
+
+from kernels.formats import mxfp4_to_nvfp4, quantize_mxfp4
+from kernels.linear import linear_w4a16, linear_w4a16_ref
+
+pytestmark = pytest.mark.gpu
+
+# (out, in) of each V4-Flash and V4-Pro projection that an all-NVFP4 checkpoint quantizes.
+SHAPES = {
+    "flash.wq_a": (1024, 4096), "flash.wq_b": (32768, 1024), "flash.wkv": (512, 4096), "flash.wo_b": (4096, 8192),
+    "flash.wo_a_group": (1024, 4096), "flash.shared_w13": (2048, 4096), "flash.shared_w2": (4096, 2048),
+    "flash.indexer_wq_b": (8192, 1024),
+    "pro.wq_a": (1536, 7168), "pro.wq_b": (65536, 1536), "pro.wkv": (512, 7168), "pro.wo_b": (7168, 16384),
+    "pro.shared_w13": (3072, 7168), "pro.shared_w2": (7168, 3072),
+}
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("name", SHAPES)
+def test_dense_runner_matches_twin(fmt, name):
+    n, k = SHAPES[name]
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    w = quantize_mxfp4(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
+    w = mxfp4_to_nvfp4(w) if fmt == "nvfp4" else w
+    for t in (1, 7, 64, 513):
+        x = torch.randn(t, k, device="cuda", generator=g).bfloat16()
+        out, ref = linear_w4a16(x, w), linear_w4a16_ref(x, w)
+        assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t)
+
+
+def test_dense_graph_replay_recomputes():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = mxfp4_to_nvfp4(quantize_mxfp4(torch.randn(2048, 4096, device="cuda", generator=g) / 64))
+    x = torch.randn(8, 4096, device="cuda", generator=g).bfloat16()
+    linear_w4a16(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear_w4a16(x, w)
+    for _ in range(2):
+        x.copy_(torch.randn(8, 4096, device="cuda", generator=g).bfloat16())
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = linear_w4a16_ref(x, w)
+        assert ((out - ref).norm() / ref.norm()).item() <= 1e-2
