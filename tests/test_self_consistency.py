@@ -10,6 +10,7 @@ import torch
 
 from backend.checkpoint import load_checkpoint
 from backend.model import DeepseekV4
+from backend.synthetic import FLAVORS
 
 MIXES = {
     "swa": dict(num_hidden_layers=2, compress_ratios=[0, 0, 0], num_hash_layers=1),
@@ -41,8 +42,9 @@ def _decode_path(model, ids, prefill_len, slot=0, state=None):
 
 @pytest.mark.parametrize("prefill_len", [16, 21])  # aligned with ratios 4 and 16, and not
 @pytest.mark.parametrize("mix", MIXES)
-def test_prefill_and_decode_agree_without_qat(make_checkpoint, mix, prefill_len):
-    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4", **MIXES[mix]))
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_prefill_and_decode_agree_without_qat(make_checkpoint, flavor, mix, prefill_len):
+    ck = load_checkpoint(make_checkpoint(flavor, **MIXES[mix]))
     model = DeepseekV4(ck.args, ck.weights, simulate_qat=False)
     ids = _tokens(ck.args.vocab_size)
     full = model.forward(ids, 0, [0], model.new_state(1, 128), all_logits=True)[0][0]
@@ -55,10 +57,11 @@ def test_prefill_and_decode_agree_without_qat(make_checkpoint, mix, prefill_len)
 
 
 @pytest.mark.parametrize("mix", MIXES)
-def test_qat_paths_agree_exactly_in_float64(make_checkpoint, mix):
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_qat_paths_agree_exactly_in_float64(make_checkpoint, flavor, mix):
     """With QAT on, prefill and decode are the same function: in float64 (where batch shape cannot
     move a value across a rounding midpoint) they agree to rounding error."""
-    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4", **MIXES[mix]))
+    ck = load_checkpoint(make_checkpoint(flavor, **MIXES[mix]))
     model = DeepseekV4(ck.args, ck.weights, simulate_qat=True, dtype=torch.float64)
     ids = _tokens(ck.args.vocab_size)
     full = model.forward(ids, 0, [0], model.new_state(1, 128), all_logits=True)[0][0]
@@ -68,11 +71,12 @@ def test_qat_paths_agree_exactly_in_float64(make_checkpoint, mix):
 
 
 @pytest.mark.parametrize("mix", MIXES)
-def test_qat_fp32_midpoint_flips_stay_isolated(make_checkpoint, mix):
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_qat_fp32_midpoint_flips_stay_isolated(make_checkpoint, flavor, mix):
     """In fp32 a midpoint flip is a rare event (an onset). Without compressed layers its effect
     leaves with the sliding window; a flip that reaches a compressed entry stays with it (entries
     are kept for the whole sequence), so there only the number of onsets is bounded."""
-    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4", **MIXES[mix]))
+    ck = load_checkpoint(make_checkpoint(flavor, **MIXES[mix]))
     model = DeepseekV4(ck.args, ck.weights, simulate_qat=True)
     ids = _tokens(ck.args.vocab_size)
     full = model.forward(ids, 0, [0], model.new_state(1, 128), all_logits=True)[0][0]
