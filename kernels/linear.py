@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp8_qdq
+from .formats import MXFP4_BLOCK, NVFP4_BLOCK, Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp8_qdq
 
 __all__ = ["linear_ref", "dequantize_weight", "linear_w4a16", "linear_w4a16_ref"]
 
@@ -46,19 +46,17 @@ def linear_w4a16(x: torch.Tensor, weight) -> torch.Tensor:
     """Dense W4A16 on the GPU: x bf16 [T, K], weight NVFP4/MXFP4 [N, K] -> fp32 [T, N].
     Graph safe (static shapes, no host syncs); compile first outside any capture (one eager call)."""
     from .moe import _arch, _compiled, _vecs, pair_order  # CuTe DSL is needed only here
+    from .moe.experts import w4_parts
     from .moe.routing import Dispatch
-    if not isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
-        raise TypeError(f"linear_w4a16 takes NVFP4 or MXFP4 weights, got {type(weight).__name__}")
+    packed, scales, gscale = w4_parts(weight)
+    group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
     t, dev = x.shape[0], x.device
-    nvfp4 = isinstance(weight, Nvfp4Weight)
-    gscale = weight.weight_scale_2.float().reshape(1, 1) if nvfp4 else torch.ones(1, 1, device=dev)
     # One "expert" holding every token: slots 0..T-1 (built with fill kernels, no host copies).
     one = Dispatch(torch.arange(t, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev),
                    torch.zeros(2, dtype=torch.int32, device=dev), torch.ones(1, dtype=torch.int32, device=dev))
     one.active_start[1:].fill_(t)
     out = torch.empty(t, weight.shape[0], dtype=torch.float32, device=dev)
-    kernel = _compiled(False, 1, 16 if nvfp4 else 32, 0.0, _arch(dev))
-    kernel(_vecs(pair_order(x)), _vecs(weight.weight.view(torch.uint8).unsqueeze(0)),
-           weight.weight_scale.view(torch.uint8).unsqueeze(0) if nvfp4 else weight.scale.view(torch.uint8).unsqueeze(0),
-           gscale, one.sorted_slots.float(), one.sorted_slots, one.active_experts, one.active_start, one.num_active, out)
+    kernel = _compiled(False, 1, group, 0.0, _arch(dev))
+    kernel(_vecs(pair_order(x)), _vecs(packed.unsqueeze(0)), scales.unsqueeze(0), gscale.reshape(1, 1),
+           one.sorted_slots.float(), one.sorted_slots, one.active_experts, one.active_start, one.num_active, out)
     return out

@@ -33,6 +33,14 @@ def _ensure_cache_dir() -> None:
         os.environ["CUTE_DSL_CACHE_DIR"] = str(Path(root) / "cute-dsl")
 
 
+def _fake(dtype, *dims):
+    """A row-major fake tensor for compiling; None dims are symbolic (any size at run time)."""
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor
+    shape = tuple(cute.sym_int() if d is None else d for d in dims)
+    return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(len(shape)))[::-1], assumed_align=16)
+
+
 @functools.cache
 def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: str, tiles: tuple | None = None):
     """One compiled grouped GEMV per static configuration; every size is a runtime value.
@@ -40,7 +48,6 @@ def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: st
     _ensure_cache_dir()
     import cutlass
     import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor
     from cutlass.runtime import make_fake_stream
 
     from . import w4a16_sm90 as kernel
@@ -48,14 +55,10 @@ def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: st
     if tiles is None:
         tiles = (kernel.WARPS, kernel.ROWS_L1 if gated else kernel.ROWS_L2, kernel.TOKEN_TILE)
 
-    def rm(dtype, *dims):  # row-major fake tensor with symbolic sizes
-        shape = tuple(cute.sym_int() if d is None else d for d in dims)
-        return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(len(shape)))[::-1], assumed_align=16)
-
-    args = (rm(cutlass.Int32, None, None, 4), rm(cutlass.Int32, None, None, None, 4), rm(cutlass.Uint8, None, None, None),
-            rm(cutlass.Float32, None, 2 if gated else 1), rm(cutlass.Float32, None), rm(cutlass.Int32, None),
-            rm(cutlass.Int32, None), rm(cutlass.Int32, None), rm(cutlass.Int32, 1),
-            rm(cutlass.Float16 if gated else cutlass.Float32, None, None),
+    args = (_fake(cutlass.Int32, None, None, 4), _fake(cutlass.Int32, None, None, None, 4), _fake(cutlass.Uint8, None, None, None),
+            _fake(cutlass.Float32, None, 2 if gated else 1), _fake(cutlass.Float32, None), _fake(cutlass.Int32, None),
+            _fake(cutlass.Int32, None), _fake(cutlass.Int32, None), _fake(cutlass.Int32, 1),
+            _fake(cutlass.Float16 if gated else cutlass.Float32, None, None),
             make_fake_stream(use_tvm_ffi_env_stream=True))
     return cute.compile(kernel.grouped_gemv, *args, top_k, group, gated, swiglu_limit, *tiles, options="--enable-tvm-ffi")
 
@@ -65,13 +68,11 @@ def _compiled_dispatch(num_experts: int, arch: str):
     _ensure_cache_dir()
     import cutlass
     import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor
     from cutlass.runtime import make_fake_stream
 
     from .dispatch_sm90 import dispatch_launch
-    vec = lambda dtype: make_fake_compact_tensor(dtype, (cute.sym_int(),), assumed_align=16)
-    args = (vec(cutlass.Int64), vec(cutlass.Int32), vec(cutlass.Int32), vec(cutlass.Int32),
-            make_fake_compact_tensor(cutlass.Int32, (1,)), make_fake_stream(use_tvm_ffi_env_stream=True))
+    args = (_fake(cutlass.Int64, None), _fake(cutlass.Int32, None), _fake(cutlass.Int32, None),
+            _fake(cutlass.Int32, None), _fake(cutlass.Int32, 1), make_fake_stream(use_tvm_ffi_env_stream=True))
     return cute.compile(dispatch_launch, *args, num_experts, options="--enable-tvm-ffi")
 
 

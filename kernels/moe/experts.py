@@ -45,7 +45,8 @@ class StackedExperts:
         return StackedExperts(self.fmt, *(t.to(device) for t in (self.w13, self.s13, self.g13, self.w2, self.s2, self.g2)))
 
 
-def _parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def w4_parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An NVFP4/MXFP4 weight as (packed bytes uint8, scale bytes uint8, global scale fp32 scalar)."""
     if isinstance(w, Nvfp4Weight):
         return w.weight.view(torch.uint8), w.weight_scale.view(torch.uint8), w.weight_scale_2.float().reshape(())
     if isinstance(w, Mxfp4Weight):
@@ -61,7 +62,7 @@ def stack_experts(experts: list[tuple]) -> StackedExperts:
     fmt = "nvfp4" if kinds == {Nvfp4Weight} else "mxfp4"
     w13, s13, g13, w2, s2, g2 = [], [], [], [], [], []
     for w1, w2_, w3 in experts:
-        (a, sa, ga), (b, sb, gb), (c, sc, gc) = _parts(w1), _parts(w3), _parts(w2_)
+        (a, sa, ga), (b, sb, gb), (c, sc, gc) = w4_parts(w1), w4_parts(w3), w4_parts(w2_)
         w13.append(torch.cat([a, b]))
         s13.append(torch.cat([sa, sb]))
         g13.append(torch.stack([ga, gb]))

@@ -23,9 +23,9 @@ def random_stacked(hidden, inter, n_exp, fmt, seed=0) -> StackedExperts:
     def packed(rows, cols):
         return torch.randint(0, 256, (n_exp, rows, cols // 2), dtype=torch.uint8, device="cuda", generator=g)
 
-    g13 = (torch.rand(n_exp, 2, device="cuda", generator=g) + 0.5) * (0.02 if fmt == "nvfp4" else 1.0)
-    g2 = (torch.rand(n_exp, device="cuda", generator=g) + 0.5) * (0.02 if fmt == "nvfp4" else 1.0)
-    if fmt == "mxfp4":
+    g13 = (torch.rand(n_exp, 2, device="cuda", generator=g) + 0.5) * 0.02
+    g2 = (torch.rand(n_exp, device="cuda", generator=g) + 0.5) * 0.02
+    if fmt == "mxfp4":  # no global scale in MXFP4 (drawn anyway: the same random stream for both)
         g13, g2 = torch.ones_like(g13), torch.ones_like(g2)
     return StackedExperts(fmt, packed(2 * inter, hidden), scales(2 * inter, hidden), g13,
                           packed(hidden, inter), scales(hidden, inter), g2)
