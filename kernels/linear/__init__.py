@@ -1,0 +1,207 @@
+"""Dense linear layers per weight format: the pure-torch twins that define the GPU runners.
+
+`linear_ref(x, weight)` computes y = x @ W^T for a weight in the format it ships in. It dequantizes
+on the fly, one call at a time, and never stores the dequantized weight. The twin mirrors what the
+runners compute:
+- FP8 block-128 weights (FP8 GEMM): when `quantize_input` is set, activations are quantized per
+  token per 128 along K to E4M3 with power-of-two scales (DeepSeek's act_quant) before the GEMM.
+- NVFP4 / MXFP4 weights (Hopper W4A16): activations stay in their own precision.
+- Plain tensors (BF16/fp32): F.linear in the activation's dtype.
+
+GPU runners (CuTe DSL), each with its twin; the checkpoint's bytes are used in place (no copy):
+- `linear_fp8(x, weight, groups)`: FP8 block-128 GEMM (wgmma, sm_90a) after an on-device activation
+  quantizer (`quantize_rows_fp8`); `groups` > 1 is the block-diagonal wo_a as one batched GEMM.
+  Twin: `linear_fp8_ref`.
+- `linear_w4a16(x, weight)`: dense NVFP4/MXFP4, the MoE grouped kernel with one group (kernels.moe).
+  Twin: `linear_w4a16_ref`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import functools
+
+from ..formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp8_qdq,
+                       quantize_activation_fp8)
+
+__all__ = ["linear_ref", "dequantize_weight", "linear_w4a16", "linear_w4a16_ref", "linear_fp8", "linear_fp8_ref",
+           "quantize_rows_fp8", "fp8_plan", "compile_fp8_kernels"]
+
+
+def dequantize_weight(weight, dtype=torch.float32) -> torch.Tensor:
+    """Any weight container (or a plain tensor) -> a float tensor [out, in] of `dtype`."""
+    if isinstance(weight, (Fp8BlockWeight, Nvfp4Weight, Mxfp4Weight)):
+        return weight.dequantize().to(dtype)
+    return weight.to(dtype)
+
+
+def linear_ref(x: torch.Tensor, weight, quantize_input: bool = False) -> torch.Tensor:
+    """x: [..., K] -> [..., N] in x's dtype. `quantize_input` applies only to FP8 block weights."""
+    if isinstance(weight, Fp8BlockWeight) and quantize_input:
+        x = fp8_qdq(x)
+    return F.linear(x, dequantize_weight(weight, x.dtype))
+
+
+def linear_w4a16_ref(x: torch.Tensor, weight) -> torch.Tensor:
+    """The twin of linear_w4a16: x [T, K] @ dequant(W)^T in fp32 -> fp32 [T, N]."""
+    if not isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
+        raise TypeError(f"linear_w4a16 takes NVFP4 or MXFP4 weights, got {type(weight).__name__}")
+    return F.linear(x.float(), weight.dequantize())
+
+
+def linear_w4a16(x: torch.Tensor, weight) -> torch.Tensor:
+    """Dense W4A16 on the GPU: x bf16 [T, K], weight NVFP4/MXFP4 [N, K] -> fp32 [T, N].
+    Graph safe (static shapes, no host syncs); compile first outside any capture (one eager call)."""
+    from ..moe import _arch, _compiled, _vecs, pair_order  # CuTe DSL is needed only here
+    from ..moe.experts import w4_parts
+    from ..moe.routing import Dispatch
+    packed, scales, gscale = w4_parts(weight)
+    group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
+    t, dev = x.shape[0], x.device
+    # One "expert" holding every token: slots 0..T-1 (built with fill kernels, no host copies).
+    one = Dispatch(torch.arange(t, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev),
+                   torch.zeros(2, dtype=torch.int32, device=dev), torch.ones(1, dtype=torch.int32, device=dev))
+    one.active_start[1:].fill_(t)
+    out = torch.empty(t, weight.shape[0], dtype=torch.float32, device=dev)
+    kernel = _compiled(False, 1, group, 0.0, _arch(dev))
+    kernel(_vecs(pair_order(x)), _vecs(packed.unsqueeze(0)), scales.unsqueeze(0), gscale.reshape(1, 1),
+           one.sorted_slots.float(), one.sorted_slots, one.active_experts, one.active_start, one.num_active, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 block-128
+# ---------------------------------------------------------------------------------------------
+
+def linear_fp8_ref(x: torch.Tensor, weight: Fp8BlockWeight, groups: int = 1) -> torch.Tensor:
+    """The twin of linear_fp8, in fp32: x [T, groups*K] quantized per token per 128 (power-of-two
+    scales), times the dequantized weight [groups*M, K] group by group -> [T, groups*M]."""
+    if not isinstance(weight, Fp8BlockWeight):
+        raise TypeError(f"linear_fp8 takes FP8 block-128 weights, got {type(weight).__name__}")
+    xq = fp8_qdq(x.float())
+    w = weight.dequantize()
+    if groups == 1:
+        return F.linear(xq, w)
+    t = x.shape[0]
+    return torch.einsum("tgk,gmk->tgm", xq.view(t, groups, -1), w.view(groups, -1, w.shape[1])).reshape(t, -1)
+
+
+TOKEN_TILES = (8, 16, 32, 64, 128)
+
+
+def fp8_plan(tokens: int, rows: int, k: int, groups: int = 1, sms: int = 132) -> tuple[int, int, int]:
+    """(token tile, stages, K splits) for a GEMM of `tokens` x `rows` (per group) x `k`.
+    Splits spread a small weight over the SMs (about two CTAs per SM) while each split keeps at
+    least two K blocks and the fp32 partials stay under a quarter of the weight's bytes."""
+    tile_n = next((t for t in TOKEN_TILES if t >= tokens), TOKEN_TILES[-1])
+    ctas = -(-rows // 64) * -(-tokens // tile_n) * groups
+    k_blocks = k // FP8_BLOCK
+    splits = 1
+    while ctas * splits < 2 * sms and k_blocks // (2 * splits) >= 2 and 2 * splits * tokens * 32 <= k:
+        splits *= 2
+    stages = 8 if tile_n <= 32 else 4
+    return tile_n, stages, splits
+
+
+def _fake_strided(dtype, order, *dims):
+    """A compact fake tensor whose modes are ordered by `order` (0 = contiguous); None dims are symbolic."""
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor
+    shape = tuple(cute.sym_int() if d is None else d for d in dims)
+    return make_fake_compact_tensor(dtype, shape, stride_order=order, assumed_align=16)
+
+
+@functools.cache
+def _compiled_fp8_gemm(tile_n: int, stages: int, splits: int, e8m0: bool, arch: str):
+    from ..moe import _ensure_cache_dir, _fake
+    _ensure_cache_dir()
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.runtime import make_fake_stream
+
+    from .fp8_block_sm90 import fp8_block_gemm
+    args = (_fake_strided(cutlass.Float8E4M3FN, (1, 0, 2), None, None, None),   # weights (M, K, L)
+            _fake_strided(cutlass.Float8E4M3FN, (2, 0, 1), None, None, None),   # tokens (N, K, L)
+            _fake(cutlass.Uint8 if e8m0 else cutlass.Float32, None, None),
+            _fake_strided(cutlass.Float32, (2, 0, 1), None, None, None),
+            _fake(cutlass.BFloat16, None, None) if splits == 1 else _fake(cutlass.Float32, None, None, None),
+            make_fake_stream(use_tvm_ffi_env_stream=True))
+    return cute.compile(fp8_block_gemm, *args, tile_n, stages, splits, e8m0, options="--enable-tvm-ffi")
+
+
+@functools.cache
+def _compiled_quant(arch: str):
+    from ..moe import _ensure_cache_dir, _fake
+    _ensure_cache_dir()
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.runtime import make_fake_stream
+
+    from .fp8_block_sm90 import quantize_rows
+    args = (_fake(cutlass.BFloat16, None, None), _fake(cutlass.Int32, None, None), _fake(cutlass.Float32, None, None),
+            make_fake_stream(use_tvm_ffi_env_stream=True))
+    return cute.compile(quantize_rows, *args, options="--enable-tvm-ffi")
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU activation quantizer, one kernel: bf16 [T, K] -> (E4M3 [T, K], fp32 scales [T, K/128]),
+    bit-identical to kernels.formats.quantize_activation_fp8 (its twin)."""
+    from ..moe import _arch
+    t, k = x.shape
+    if x.dtype != torch.bfloat16 or not x.is_contiguous() or k % FP8_BLOCK:
+        raise ValueError(f"quantize_rows_fp8: x must be contiguous bfloat16 [T, K] with K % 128 == 0, got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    q = torch.empty(t, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(t, k // FP8_BLOCK, dtype=torch.float32, device=x.device)
+    _compiled_quant(_arch(x.device))(x, q.view(torch.int32), scale)
+    return q, scale
+
+
+def _batched(t: torch.Tensor, groups: int, outer_first: bool) -> torch.Tensor:
+    """[R, groups*C] -> (R, C, groups) for the weights' (M, K, L) when outer_first is False (rows
+    of one group are contiguous blocks), or the tokens' (N, K, L) with the group inside a row."""
+    r, c = t.shape
+    if outer_first:  # tokens: row t holds group g at columns g*C..
+        return t.view(r, groups, c // groups).permute(0, 2, 1)
+    return t.view(groups, r // groups, c).permute(1, 2, 0)  # weights: rows g*M.. belong to group g
+
+
+def linear_fp8(x: torch.Tensor, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = None) -> torch.Tensor:
+    """FP8 block-128 linear on the GPU: x bf16 [T, groups*K], weight [groups*M, K] -> bf16 [T, groups*M].
+    groups > 1 is the block-diagonal projection (wo_a): group g's inputs are x[:, g*K:(g+1)*K].
+    Graph safe (static shapes, no host syncs); compile first outside any capture (one eager call
+    or compile_fp8_kernels)."""
+    from ..moe import _arch
+    if not isinstance(weight, Fp8BlockWeight):
+        raise TypeError(f"linear_fp8 takes FP8 block-128 weights, got {type(weight).__name__}")
+    n_total, k = weight.shape
+    t = x.shape[0]
+    if k % FP8_BLOCK or n_total % (64 * groups) or x.shape[1] != groups * k:
+        raise ValueError(f"linear_fp8: weight {tuple(weight.shape)} (groups={groups}) and x {tuple(x.shape)} do not fit: "
+                         f"K must be a multiple of 128, rows per group of 64, x [T, groups*K]")
+    rows = n_total // groups
+    tile_n, stages, splits = plan or fp8_plan(t, rows, k, groups)
+    e8m0 = weight.scale.dtype == torch.float8_e8m0fnu
+    xq, xs = quantize_rows_fp8(x)
+    w = weight.weight
+    kernel = _compiled_fp8_gemm(tile_n, stages, splits, e8m0, _arch(x.device))
+    w_scale = weight.scale.view(torch.uint8) if e8m0 else weight.scale
+    if splits == 1:
+        out = torch.empty(t, n_total, dtype=torch.bfloat16, device=x.device)
+    else:
+        out = torch.empty(splits, t, n_total, dtype=torch.float32, device=x.device)
+    kernel(_batched(w, groups, False), _batched(xq, groups, True), w_scale, _batched(xs, groups, True), out)
+    return out if splits == 1 else out.sum(0).to(torch.bfloat16)
+
+
+def compile_fp8_kernels(device=None, e8m0: bool = True) -> None:
+    """Warm-up: compile (or load from the disk cache) every FP8 variant the planner can choose."""
+    import os
+    from ..moe import _arch
+    arch = _arch(torch.device(device or "cuda")) if torch.cuda.is_available() else os.environ.get("CUTE_DSL_ARCH", "sm_90a")
+    _compiled_quant(arch)
+    for tile_n in TOKEN_TILES:
+        stages = 8 if tile_n <= 32 else 4
+        for splits in (1, 2, 4, 8, 16, 32, 64, 128):
+            _compiled_fp8_gemm(tile_n, stages, splits, e8m0, arch)
