@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from bench.moe_w4a16 import graph_time
+from bench.timing import graph_time
 from kernels.formats import mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.linear import linear_w4a16
 from tests.gpu.test_linear_w4a16 import SHAPES

@@ -1,7 +1,8 @@
 """Where the MoE step's time goes (GPU): dispatch, L1, L2, combine, and read floors, graph-timed."""
 import torch
 
-from bench.moe_w4a16 import SHAPES, graph_time
+from bench.moe_w4a16 import SHAPES
+from bench.timing import graph_time
 from kernels.moe import _arch, _compiled, _vecs, pair_order, compile_kernels, dispatch, dispatch_fused, moe_w4a16
 from tests.gpu.test_moe_w4a16 import random_stacked
 

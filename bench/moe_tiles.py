@@ -4,7 +4,8 @@ import itertools
 
 import torch
 
-from bench.moe_w4a16 import SHAPES, graph_time
+from bench.moe_w4a16 import SHAPES
+from bench.timing import graph_time
 from kernels.moe import _arch, _compiled, _vecs, compile_kernels, dispatch_fused, pair_order
 from tests.gpu.test_moe_w4a16 import random_stacked
 

@@ -14,27 +14,10 @@ import argparse
 
 import torch
 
+from bench.timing import graph_time
 from kernels.moe import compile_kernels, moe_w4a16
 
 SHAPES = {"flash": (4096, 2048, 256, 6), "pro": (7168, 3072, 384, 6)}
-
-
-def graph_time(fn, iters: int) -> float:
-    """Median ms of a CUDA-graph replay of fn (captured after two eager warm-ups)."""
-    fn(), fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def bf16_moe(x, w, ids, w13, w2, n_exp):

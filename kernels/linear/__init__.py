@@ -88,20 +88,24 @@ def linear_fp8_ref(x: torch.Tensor, weight: Fp8BlockWeight, groups: int = 1) -> 
 
 
 TOKEN_TILES = (8, 16, 32, 64, 128)
+STAGES = {8: 8, 16: 8, 32: 8, 64: 4, 128: 4}  # smem ring depth per token tile
+CONSUMERS = 2
 
 
-def fp8_plan(tokens: int, rows: int, k: int, groups: int = 1, sms: int = 132) -> tuple[int, int, int]:
-    """(token tile, stages, K splits) for a GEMM of `tokens` x `rows` (per group) x `k`.
-    Splits spread a small weight over the SMs (about two CTAs per SM) while each split keeps at
-    least two K blocks and the fp32 partials stay under a quarter of the weight's bytes."""
+def fp8_plan(tokens: int, rows: int, k: int, groups: int = 1, sms: int = 132) -> tuple[int, int, int, int]:
+    """(token tile, stages, K splits, consumer warpgroups) for `tokens` x `rows` (per group) x `k`.
+    Consumer warpgroups share a CTA's K blocks. Splits cost a tail (partials, a fence, a second
+    pass), which an H100 sweep (bench/NOTES.md) found worth paying only for the smallest weights:
+    up to about half an SM-count of CTAs, with two K blocks per warpgroup per split and the fp32
+    partials under the weight's bytes."""
     tile_n = next((t for t in TOKEN_TILES if t >= tokens), TOKEN_TILES[-1])
+    consumers = CONSUMERS
     ctas = -(-rows // 64) * -(-tokens // tile_n) * groups
     k_blocks = k // FP8_BLOCK
     splits = 1
-    while ctas * splits < 2 * sms and k_blocks // (2 * splits) >= 2 and 2 * splits * tokens * 32 <= k:
+    while 4 * ctas * splits <= sms and k_blocks // (2 * splits) >= 2 * consumers and 2 * splits * tokens * 8 <= k:
         splits *= 2
-    stages = 8 if tile_n <= 32 else 4
-    return tile_n, stages, splits
+    return tile_n, STAGES[tile_n], splits, consumers
 
 
 def _fake_strided(dtype, order, *dims):
@@ -113,7 +117,7 @@ def _fake_strided(dtype, order, *dims):
 
 
 @functools.cache
-def _compiled_fp8_gemm(tile_n: int, stages: int, splits: int, e8m0: bool, arch: str):
+def _compiled_fp8_gemm(tile_n: int, stages: int, splits: int, consumers: int, e8m0: bool, arch: str):
     from ..moe import _ensure_cache_dir, _fake
     _ensure_cache_dir()
     import cutlass
@@ -125,9 +129,9 @@ def _compiled_fp8_gemm(tile_n: int, stages: int, splits: int, e8m0: bool, arch: 
             _fake_strided(cutlass.Float8E4M3FN, (2, 0, 1), None, None, None),   # tokens (N, K, L)
             _fake(cutlass.Uint8 if e8m0 else cutlass.Float32, None, None),
             _fake_strided(cutlass.Float32, (2, 0, 1), None, None, None),
-            _fake(cutlass.BFloat16, None, None) if splits == 1 else _fake(cutlass.Float32, None, None, None),
+            _fake(cutlass.BFloat16, None, None), _fake(cutlass.Float32, None, None, None), _fake(cutlass.Int32, None),
             make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(fp8_block_gemm, *args, tile_n, stages, splits, e8m0, options="--enable-tvm-ffi")
+    return cute.compile(fp8_block_gemm, *args, tile_n, stages, splits, consumers, e8m0, options="--enable-tvm-ffi")
 
 
 @functools.cache
@@ -167,41 +171,52 @@ def _batched(t: torch.Tensor, groups: int, outer_first: bool) -> torch.Tensor:
     return t.view(groups, r // groups, c).permute(1, 2, 0)  # weights: rows g*M.. belong to group g
 
 
-def linear_fp8(x: torch.Tensor, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = None) -> torch.Tensor:
-    """FP8 block-128 linear on the GPU: x bf16 [T, groups*K], weight [groups*M, K] -> bf16 [T, groups*M].
-    groups > 1 is the block-diagonal projection (wo_a): group g's inputs are x[:, g*K:(g+1)*K].
-    Graph safe (static shapes, no host syncs); compile first outside any capture (one eager call
-    or compile_fp8_kernels)."""
+_split_counters: dict = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-tile arrival counters for split-K, zeroed once; every launch leaves them at zero."""
+    buf = _split_counters.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = _split_counters[device] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+    return buf
+
+
+def linear_fp8(x, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = None) -> torch.Tensor:
+    """FP8 block-128 linear on the GPU: x [T, groups*K] -> bf16 [T, groups*M], weight [groups*M, K].
+    x is bf16 (quantized here) or an already quantized pair from quantize_rows_fp8, so layers that
+    read the same input quantize it once. groups > 1 is the block-diagonal projection (wo_a):
+    group g reads x[:, g*K:(g+1)*K]. Graph safe (static shapes, no host syncs); compile first,
+    outside any capture (one eager call or compile_fp8_kernels)."""
     from ..moe import _arch
     if not isinstance(weight, Fp8BlockWeight):
         raise TypeError(f"linear_fp8 takes FP8 block-128 weights, got {type(weight).__name__}")
     n_total, k = weight.shape
-    t = x.shape[0]
-    if k % FP8_BLOCK or n_total % (64 * groups) or x.shape[1] != groups * k:
-        raise ValueError(f"linear_fp8: weight {tuple(weight.shape)} (groups={groups}) and x {tuple(x.shape)} do not fit: "
-                         f"K must be a multiple of 128, rows per group of 64, x [T, groups*K]")
+    t, x_width = (x[0] if isinstance(x, tuple) else x).shape
+    if k % FP8_BLOCK or n_total % (64 * groups) or x_width != groups * k:
+        raise ValueError(f"linear_fp8: weight {tuple(weight.shape)} (groups={groups}) and x [{t}, {x_width}] do not "
+                         f"fit: K must be a multiple of 128, rows per group of 64, x [T, groups*K]")
+    xq, xs = x if isinstance(x, tuple) else quantize_rows_fp8(x)
     rows = n_total // groups
-    tile_n, stages, splits = plan or fp8_plan(t, rows, k, groups)
+    tile_n, stages, splits, consumers = plan or fp8_plan(t, rows, k, groups)
     e8m0 = weight.scale.dtype == torch.float8_e8m0fnu
-    xq, xs = quantize_rows_fp8(x)
-    w = weight.weight
-    kernel = _compiled_fp8_gemm(tile_n, stages, splits, e8m0, _arch(x.device))
-    w_scale = weight.scale.view(torch.uint8) if e8m0 else weight.scale
-    if splits == 1:
-        out = torch.empty(t, n_total, dtype=torch.bfloat16, device=x.device)
-    else:
-        out = torch.empty(splits, t, n_total, dtype=torch.float32, device=x.device)
-    kernel(_batched(w, groups, False), _batched(xq, groups, True), w_scale, _batched(xs, groups, True), out)
-    return out if splits == 1 else out.sum(0).to(torch.bfloat16)
+    kernel = _compiled_fp8_gemm(tile_n, stages, splits, consumers, e8m0, _arch(xq.device))
+    out = torch.empty(t, n_total, dtype=torch.bfloat16, device=xq.device)
+    partials = torch.empty(splits if splits > 1 else 0, t, n_total, dtype=torch.float32, device=xq.device)
+    tiles = rows // 64 * -(-t // tile_n) * groups
+    kernel(_batched(weight.weight, groups, False), _batched(xq, groups, True),
+           weight.scale.view(torch.uint8) if e8m0 else weight.scale, _batched(xs, groups, True), out, partials,
+           _counters(xq.device, tiles))
+    return out
 
 
-def compile_fp8_kernels(device=None, e8m0: bool = True) -> None:
-    """Warm-up: compile (or load from the disk cache) every FP8 variant the planner can choose."""
+def compile_fp8_kernels(max_tokens: int, shapes, device=None) -> None:
+    """Warm-up: compile (or load from the disk cache) what linear_fp8 will run for up to `max_tokens`
+    tokens on `shapes` ((rows, k, groups, e8m0) per layer), so that CUDA-graph capture compiles nothing."""
     import os
     from ..moe import _arch
     arch = _arch(torch.device(device or "cuda")) if torch.cuda.is_available() else os.environ.get("CUTE_DSL_ARCH", "sm_90a")
     _compiled_quant(arch)
-    for tile_n in TOKEN_TILES:
-        stages = 8 if tile_n <= 32 else 4
-        for splits in (1, 2, 4, 8, 16, 32, 64, 128):
-            _compiled_fp8_gemm(tile_n, stages, splits, e8m0, arch)
+    for rows, k, groups, e8m0 in shapes:
+        for t in range(1, max_tokens + 1):
+            _compiled_fp8_gemm(*fp8_plan(t, rows // groups, k, groups), e8m0, arch)

@@ -6,14 +6,18 @@ Operands are swapped (as DeepGEMM and TensorRT-LLM do for small M): the weight i
 operand (its output rows are the 64-row M of the instruction) and the tokens are B (N = 8..128), so
 one token does not waste a 64-row tile. Both operands are FP8 E4M3 and K-major, as the checkpoint and
 the activation quantizer store them, and reach shared memory by TMA in a ring of `stages` buffers fed
-by one producer warp. One consumer warpgroup runs four k32 wgmmas per 128-wide K block into a
-temporary fp32 accumulator, then adds it into the main accumulator times the weight block scale and
-the token's block scale: the scales are exact per 128 along K, as the format defines them.
+by one producer warp. A consumer warpgroup runs four k32 wgmmas per 128-wide K block into a
+temporary fp32 accumulator, waits for them, then adds it into its main accumulator times the weight
+block scale and the token's block scale: the scales are exact per 128 along K, as the format defines
+them. That wait leaves a warpgroup idle for the wgmma latency once per block (reading a temporary
+while other wgmmas are in flight makes ptxas serialize every wgmma), so `consumers` warpgroups take
+the CTA's K blocks in turn and add their accumulators through shared memory at the end.
 
 L is a batch of independent GEMMs with their own weight rows (the block-diagonal wo_a: one per
 output group); dense layers use L = 1. Split-K (grid z = L * splits) spreads a small weight over the
-GPU: each split writes fp32 partials that the caller sums in split order, which keeps the result
-deterministic. Tails are handled by TMA (zero fill on loads) and by predicated stores.
+GPU: each split writes fp32 partials, and the last split to finish a tile sums them in split order
+(a counter per tile), which keeps the result deterministic in one launch. Tails are handled by TMA
+(zero fill on loads) and by predicated stores.
 
 Weight scales are fp32 or E8M0 (a byte e meaning 2^(e-127); codes 0 and 255 never occur in V4
 checkpoints and are not special-cased).
@@ -33,8 +37,12 @@ from cutlass.utils import LayoutEnum
 
 TILE_M = 64    # weight rows per CTA: one m64 wgmma
 TILE_K = 128   # one scale block per pipeline stage
-MMA_WARPS = 4  # one consumer warpgroup (warps 0-3; wgmma needs a warpgroup-aligned group)
-PRODUCER_WARP = MMA_WARPS
+WARPGROUP = 128  # threads; consumer warpgroups come first (wgmma needs warpgroup-aligned warps)
+
+
+def _stage(j, stages):
+    """The ring position of the CTA's j-th K block, consumer side (phase starts at 0)."""
+    return pipeline.PipelineState(stages, j, j % stages, (j // stages) % 2)
 
 
 @cute.kernel
@@ -43,40 +51,48 @@ def _kernel(
     tma_b: cute.CopyAtom, mB: cute.Tensor,  # tokens  (N, K, L)
     w_scale: cute.Tensor,                   # [ceil(L*M/128), K/128] fp32, or uint8 E8M0
     x_scale: cute.Tensor,                   # (N, K/128, L) fp32
-    out: cute.Tensor,                       # splits == 1: bf16 [N, L*M]; else fp32 [splits, N, L*M]
+    out: cute.Tensor,                       # bf16 [N, L*M]
+    partials: cute.Tensor,                  # fp32 [splits, N, L*M] (splits > 1)
+    counters: cute.Tensor,                  # int32 [>= tiles], zero between launches (splits > 1)
     tiled_mma: cute.TiledMma,
     a_staged: cute.ComposedLayout,
     b_staged: cute.ComposedLayout,
     tile_n: cutlass.Constexpr,
     stages: cutlass.Constexpr,
     splits: cutlass.Constexpr,
+    consumers: cutlass.Constexpr,
     e8m0: cutlass.Constexpr,
 ):
     tidx, _, _ = cute.arch.thread_idx()
     warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-    bm, bn, bz = cute.arch.block_idx()
+    wg = warp // 4
+    bn, bm, bz = cute.arch.block_idx()  # token tiles fastest: CTAs sharing a weight tile run together
     group = bz // splits
     split = bz % splits
     rows = mA.shape[0]
     tokens = x_scale.shape[0]
     k_blocks = x_scale.shape[1]
     k_begin = split * k_blocks // splits
-    k_end = (split + 1) * k_blocks // splits
+    n_blocks = (split + 1) * k_blocks // splits - k_begin
+    producer_warp = 4 * consumers
 
-    if warp == PRODUCER_WARP:
+    if warp == producer_warp:
         cpasync.prefetch_descriptor(tma_a)
         cpasync.prefetch_descriptor(tma_b)
 
     smem = cutlass.memory.SmemAllocator()
     barriers = smem.allocate_array(cutlass.Int64, stages * 2, byte_alignment=8)
+    arrived = smem.allocate_tensor(Int32, cute.make_layout(1), 4)
     sA = smem.allocate_tensor(FP8, a_staged.outer, 1024, swizzle=a_staged.inner)
     sB = smem.allocate_tensor(FP8, b_staged.outer, 1024, swizzle=b_staged.inner)
+    per_thread = TILE_M * tile_n // WARPGROUP
+    exchange = smem.allocate_tensor(Float32, cute.make_layout((per_thread, WARPGROUP, max(consumers - 1, 1))), 16)
     stage_bytes = (cute.size_in_bytes(FP8, cute.slice_(a_staged, (None, None, 0)))
                    + cute.size_in_bytes(FP8, cute.slice_(b_staged, (None, None, 0))))
     ring = pipeline.PipelineTmaAsync.create(
         barrier_storage=barriers, num_stages=stages,
         producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-        consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, MMA_WARPS),
+        consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4),  # one warpgroup per stage
         tx_count=stage_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=True)
     pipeline.pipeline_init_arrive(is_relaxed=True)
 
@@ -89,79 +105,126 @@ def _kernel(
                                        cute.group_modes(gB, 0, 2))
     pipeline.pipeline_init_wait()
 
-    if warp == PRODUCER_WARP:
+    if warp == producer_warp:
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
-        for k in cutlass.range(k_begin, k_end, unroll=1):
+        for j in cutlass.range(n_blocks, unroll=1):
             ring.producer_acquire(state)
-            cute.copy(tma_a, tAgA[(None, bm, k, group)], tAsA[(None, state.index)],
+            cute.copy(tma_a, tAgA[(None, bm, k_begin + j, group)], tAsA[(None, state.index)],
                       tma_bar_ptr=ring.producer_get_barrier(state))
-            cute.copy(tma_b, tBgB[(None, bn, k, group)], tBsB[(None, state.index)],
+            cute.copy(tma_b, tBgB[(None, bn, k_begin + j, group)], tBsB[(None, state.index)],
                       tma_bar_ptr=ring.producer_get_barrier(state))
             ring.producer_commit(state)
             state.advance()
         ring.producer_tail(state)
 
-    if warp < MMA_WARPS:
-        thr_mma = tiled_mma.get_slice(tidx)
+    if warp < producer_warp:
+        lane_in_wg = tidx % WARPGROUP
+        thr_mma = tiled_mma.get_slice(lane_in_wg)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         coords = thr_mma.partition_C(cute.make_identity_tensor((TILE_M, tile_n)))  # (m, n) of each value
         acc = cute.make_rmem_tensor(coords.shape, Float32)
         part = cute.make_rmem_tensor(coords.shape, Float32)
+        scale = cute.make_rmem_tensor(coords.shape, Float32)
         acc.fill(0.0)
-        k_steps = cute.size(tCrA, mode=[2])
         w_row_block = (group * rows + bm * TILE_M) // 128
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
-        for k in cutlass.range(k_begin, k_end, unroll=1):
+        for j in cutlass.range(wg, n_blocks, consumers, unroll=1):
+            k = k_begin + j
+            # Scales first: their loads overlap the wait for the block's tiles.
             if cutlass.const_expr(e8m0):
                 sw = Int32(Int32(w_scale[w_row_block, k]) << 23).bitcast(Float32)
             else:
                 sw = w_scale[w_row_block, k]
-            ring.consumer_wait(state)
+            for i in cutlass.range_constexpr(per_thread):
+                scale[i] = sw * x_scale[cutlass.min(bn * tile_n + coords[i][1], tokens - 1), k, group]
+            stage = _stage(j, stages)
+            ring.consumer_wait(stage)
             warpgroup.fence()
             tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
-            for kk in cutlass.range_constexpr(k_steps):
-                cute.gemm(tiled_mma, part, tCrA[(None, None, kk, state.index)],
-                          tCrB[(None, None, kk, state.index)], part)
+            for kk in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
+                cute.gemm(tiled_mma, part, tCrA[(None, None, kk, stage.index)], tCrB[(None, None, kk, stage.index)],
+                          part)
                 tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
-            ring.consumer_release(state)
-            state.advance()
-            for i in cutlass.range_constexpr(cute.size(acc)):
-                t = cutlass.min(bn * tile_n + coords[i][1], tokens - 1)
-                acc[i] = acc[i] + part[i] * (sw * x_scale[t, k, group])
+            ring.consumer_release(stage)
+            for i in cutlass.range_constexpr(per_thread):
+                acc[i] = acc[i] + part[i] * scale[i]
 
-        for i in cutlass.range_constexpr(cute.size(acc)):
-            t = bn * tile_n + coords[i][1]
-            col = group * rows + bm * TILE_M + coords[i][0]
-            if t < tokens:
-                if cutlass.const_expr(splits == 1):
-                    out[t, col] = acc[i].to(BFloat16)
-                else:
-                    out[split, t, col] = acc[i]
+        if cutlass.const_expr(consumers > 1):  # warpgroups 1.. hand their sums to warpgroup 0
+            if wg > 0:
+                for i in cutlass.range_constexpr(per_thread):
+                    exchange[i, lane_in_wg, wg - 1] = acc[i]
+            cute.arch.barrier(barrier_id=2, number_of_threads=WARPGROUP * consumers)
+            if wg == 0:
+                for c in cutlass.range_constexpr(1, consumers):
+                    for i in cutlass.range_constexpr(per_thread):
+                        acc[i] = acc[i] + exchange[i, lane_in_wg, c - 1]
+
+        if wg == 0:
+            if cutlass.const_expr(splits == 1):
+                for i in cutlass.range_constexpr(per_thread):
+                    t = bn * tile_n + coords[i][1]
+                    if t < tokens:
+                        out[t, group * rows + bm * TILE_M + coords[i][0]] = acc[i].to(BFloat16)
+            else:
+                # Serial split-K: every split stores its fp32 partial; the split that arrives last
+                # (a counter per output tile) sums all partials in split order, so the result does
+                # not depend on which split finished first, and resets the counter for the next launch.
+                for i in cutlass.range_constexpr(per_thread):
+                    t = bn * tile_n + coords[i][1]
+                    if t < tokens:
+                        partials[split, t, group * rows + bm * TILE_M + coords[i][0]] = acc[i]
+                _warpgroup0_sync()  # then one fence makes all the CTA's stores visible before arriving
+                tile_id = (group * cute.arch.grid_dim()[1] + bm) * cute.arch.grid_dim()[0] + bn
+                if tidx == 0:
+                    cute.arch.fence_acq_rel_gpu()
+                    arrived[0] = cute.arch.atomic_add(counters.iterator + tile_id, Int32(1), scope="gpu")
+                _warpgroup0_sync()
+                if arrived[0] == splits - 1:
+                    cute.arch.fence_acq_rel_gpu()
+                    for i in cutlass.range_constexpr(per_thread):
+                        t = bn * tile_n + coords[i][1]
+                        if t < tokens:
+                            col = group * rows + bm * TILE_M + coords[i][0]
+                            total = Float32(0.0)
+                            for s in cutlass.range_constexpr(splits):
+                                total = total + partials[s, t, col]
+                            out[t, col] = total.to(BFloat16)
+                    if tidx == 0:
+                        counters[tile_id] = 0
+
+
+def _warpgroup0_sync():
+    cute.arch.barrier(barrier_id=1, number_of_threads=WARPGROUP)
 
 
 @cute.jit
 def fp8_block_gemm(w: cute.Tensor, x: cute.Tensor, w_scale: cute.Tensor, x_scale: cute.Tensor, out: cute.Tensor,
-                   stream, tile_n: cutlass.Constexpr, stages: cutlass.Constexpr, splits: cutlass.Constexpr,
+                   partials: cute.Tensor, counters: cute.Tensor, stream, tile_n: cutlass.Constexpr,
+                   stages: cutlass.Constexpr, splits: cutlass.Constexpr, consumers: cutlass.Constexpr,
                    e8m0: cutlass.Constexpr):
     """w: fp8 (M, K, L) K-major; x: fp8 (N, K, L) K-major; see the module docstring for the rest."""
+    if cutlass.const_expr(stages % consumers != 0):
+        # A warpgroup may wait for block j only once block j - stages has landed (an mbarrier
+        # tells phases apart by parity alone); with stages a multiple of consumers, block
+        # j - stages is the warpgroup's own earlier block.
+        raise ValueError(f"fp8_block_gemm: stages ({stages}) must be a multiple of consumers ({consumers})")
     tiled_mma = sm90_utils.make_trivial_tiled_mma(
-        w.element_type, x.element_type, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
-        (1, 1, 1), tiler_mn=(TILE_M, tile_n))
+        FP8, FP8, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32, (1, 1, 1),
+        tiler_mn=(TILE_M, tile_n))
     tile_mnk = (TILE_M, tile_n, TILE_K)
-    a_staged = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, tile_mnk, w.element_type, stages)
-    b_staged = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, x.element_type, stages)
+    a_staged = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, tile_mnk, FP8, stages)
+    b_staged = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile_mnk, FP8, stages)
     tma_a, tma_w = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), w,
                                                cute.slice_(a_staged, (None, None, 0)), (TILE_M, TILE_K))
     tma_b, tma_x = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), x,
                                                cute.slice_(b_staged, (None, None, 0)), (tile_n, TILE_K))
     m, n, groups = w.shape[0], x.shape[0], w.shape[2]
-    _kernel(tma_a, tma_w, tma_b, tma_x, w_scale, x_scale, out, tiled_mma, a_staged, b_staged,
-            tile_n, stages, splits, e8m0).launch(
-        grid=[(m + TILE_M - 1) // TILE_M, (n + tile_n - 1) // tile_n, groups * splits],
-        block=[32 * (MMA_WARPS + 1), 1, 1],
+    _kernel(tma_a, tma_w, tma_b, tma_x, w_scale, x_scale, out, partials, counters, tiled_mma, a_staged, b_staged,
+            tile_n, stages, splits, consumers, e8m0).launch(
+        grid=[(n + tile_n - 1) // tile_n, (m + TILE_M - 1) // TILE_M, groups * splits],
+        block=[WARPGROUP * consumers + 32, 1, 1],
         stream=stream)
 
 

@@ -60,13 +60,23 @@ def test_fp8_runner_matches_twin(name):
         assert rel(out, ref) <= 2e-2, (name, t, fp8_plan(t, rows // groups, k, groups), rel(out, ref))
 
 
-@pytest.mark.parametrize("plan", [(8, 8, 1), (8, 8, 16), (32, 8, 4), (16, 2, 1), (64, 4, 2), (128, 4, 1)])
+@pytest.mark.parametrize("plan", [(8, 8, 1, 1), (8, 8, 16, 2), (32, 8, 4, 4), (16, 3, 1, 3), (64, 4, 2, 2), (128, 4, 1, 2)])
 def test_fp8_every_tiling_and_fp32_scales(plan):
     g = torch.Generator(device="cuda").manual_seed(7)
     w = random_weight(1536, 2048, g, torch.float32)  # -Base checkpoints: fp32 block scales
     for t in (1, 9, 130):
         x = random_tokens(t, 2048, g)
         assert rel(linear_fp8(x, w, plan=plan), linear_fp8_ref(x, w)) <= 2e-2, (plan, t)
+
+
+def test_fp8_prequantized_input_and_split_k_is_deterministic():
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = random_weight(1024, 4096, g)
+    x = random_tokens(5, 4096, g)
+    first = linear_fp8(quantize_rows_fp8(x), w, plan=(8, 8, 16, 2))
+    for _ in range(3):
+        assert torch.equal(linear_fp8(x, w, plan=(8, 8, 16, 2)), first)
+    assert rel(first, linear_fp8_ref(x, w)) <= 2e-2
 
 
 def test_fp8_graph_replay_recomputes():

@@ -1,0 +1,63 @@
+"""CUDA-graph timing shared by the benchmarks, and the bandwidth floor's streaming-read kernel."""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _read_kernel(src, out, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0), axis=0))
+
+
+def stream_read(words: torch.Tensor, out: torch.Tensor | None = None, block: int = 4096) -> torch.Tensor:
+    """Read every int32 of `words` once (16 KB per program, one small store each): the floor for a
+    kernel that must read these bytes, launch and ramp-up included."""
+    n = words.numel()
+    grid = triton.cdiv(n, block)
+    out = torch.empty(grid, dtype=torch.int32, device=words.device) if out is None else out
+    _read_kernel[(grid,)](words, out, n, BLOCK=block)
+    return out
+
+
+def graph_time(fn, iters: int) -> float:
+    """Median ms of a CUDA-graph replay of fn (captured after two eager warm-ups)."""
+    fn(), fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def cold_graph_time(calls, rounds: int = 4, iters: int = 5) -> float:
+    """Median ms per call of `calls` (a list of functions, each on its own copy of the weights, whose
+    bytes together exceed the L2 cache), captured `rounds` times over in one CUDA graph. A decode
+    step reads each layer's weights once, from HBM: this is that regime, with launch gaps between
+    kernels as a graph has them, not the host overhead of one graph launch per call."""
+    for fn in calls:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for fn in calls:
+                fn()
+    graph.replay()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (rounds * len(calls)))
+    return sorted(times)[len(times) // 2]

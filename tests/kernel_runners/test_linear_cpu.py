@@ -1,0 +1,77 @@
+"""Dense runners on the CPU: the FP8 twin (hand-computed and grouped), the planner, sm_90a compiles."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.formats import E4M3_MAX, quantize_activation_fp8, quantize_fp8_block
+from kernels.linear import STAGES, fp8_plan, linear_fp8, linear_fp8_ref
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_activation_quantization_hand_computed():
+    x = torch.zeros(1, 256)
+    x[0, 0], x[0, 1], x[0, 2] = 3.5, 0.01, -1.0   # block 0: amax 3.5 -> scale 2^ceil(log2(3.5/448)) = 2^-7
+    x[0, 128] = 448.0 * 3                          # block 1: amax 1344 -> scale 2^ceil(log2(3)) = 4
+    x[0, 129] = 5.0
+    q, s = quantize_activation_fp8(x)
+    assert s.tolist() == [[2.0 ** -7, 4.0]]
+    assert q[0, :3].float().tolist() == [448.0, 1.25, -128.0]  # 0.01 * 128 = 1.28 -> nearest E4M3 is 1.25
+    assert q[0, 128:130].float().tolist() == [320.0, 1.25]  # 336 is a tie of 320 and 352: to even
+    assert E4M3_MAX == 448.0
+    zero_block_scale = quantize_activation_fp8(torch.zeros(1, 128))[1]
+    assert zero_block_scale.item() == 2.0 ** -22  # amax floored at 1e-4: 2^ceil(log2(1e-4 / 448))
+
+
+def test_grouped_twin_is_a_per_group_matmul():
+    g = torch.Generator().manual_seed(0)
+    groups, rows, k, t = 4, 128, 256, 3
+    w = quantize_fp8_block(torch.randn(groups * rows, k, generator=g))
+    x = torch.randn(t, groups * k, generator=g)
+    out = linear_fp8_ref(x, w, groups)
+    for gi in range(groups):
+        ref = linear_fp8_ref(x[:, gi * k:(gi + 1) * k],
+                             type(w)(w.weight[gi * rows:(gi + 1) * rows], w.scale[gi * rows // 128:(gi + 1) * rows // 128]))
+        assert torch.allclose(out[:, gi * rows:(gi + 1) * rows], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_runner_rejects_bad_inputs_naming_them():
+    w = quantize_fp8_block(torch.randn(128, 256))
+    with pytest.raises(TypeError, match="FP8 block-128"):
+        linear_fp8(torch.randn(2, 256).bfloat16(), torch.randn(128, 256))
+    with pytest.raises(ValueError, match=r"x \[2, 384\]"):
+        linear_fp8(torch.randn(2, 384).bfloat16(), w)
+
+
+def _v4_fp8_shapes():
+    from tests.gpu.test_linear_fp8 import SHAPES
+    return SHAPES.values()
+
+
+def test_planner_choices_are_valid():
+    for rows, k, groups in _v4_fp8_shapes():
+        for t in range(1, 300):
+            tile_n, stages, splits, consumers = fp8_plan(t, rows // groups, k, groups)
+            assert tile_n >= min(t, 128) and stages == STAGES[tile_n] and stages % consumers == 0
+            assert k // 128 // splits >= consumers  # every consumer warpgroup has K blocks in every split
+
+
+def test_every_fp8_variant_compiles_for_sm90a():
+    """Every (token tile, stages, splits, consumers) the planner picks for a V4 projection at up to 256
+    tokens, with E8M0 and fp32 weight scales, plus the activation quantizer."""
+    code = ("import os; os.environ['CUTE_DSL_ARCH'] = 'sm_90a'\n"
+            "from kernels.linear import _compiled_fp8_gemm, _compiled_quant, fp8_plan\n"
+            "from tests.gpu.test_linear_fp8 import SHAPES\n"
+            "plans = {fp8_plan(t, r // g, k, g) for r, k, g in SHAPES.values() for t in range(1, 257)}\n"
+            "_compiled_quant('sm_90a')\n"
+            "for plan in sorted(plans):\n"
+            "    for e8m0 in (True, False):\n"
+            "        _compiled_fp8_gemm(*plan, e8m0, 'sm_90a')\n"
+            "print(f'compiled {2 * len(plans)} variants')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
+                         env={**os.environ, "CUTE_DSL_ARCH": "sm_90a"})
+    assert run.returncode == 0 and "variants" in run.stdout, run.stderr[-3000:]
+    print(run.stdout)
