@@ -182,15 +182,55 @@ def quantize_nvfp4(w: torch.Tensor, weight_scale_2: torch.Tensor | None = None,
     if weight_scale_2 is None:
         amax = w.abs().amax()
         weight_scale_2 = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
-    ws2 = torch.as_tensor(weight_scale_2, dtype=torch.float32, device=w.device).reshape(())
-    blocks = _blocks(w, NVFP4_BLOCK)
-    block_amax = blocks.abs().amax(-1)
-    scale = (block_amax / (E2M1_MAX * ws2)).to(torch.float8_e4m3fn)
-    denom = scale.float().unsqueeze(-1) * ws2
+    packed, scale, ws2 = _nvfp4_encode(w, weight_scale_2, saturate=False)
+    return Nvfp4Weight(packed, scale, ws2, torch.tensor(float(input_scale), dtype=torch.float32, device=w.device))
+
+
+def _nvfp4_encode(x: torch.Tensor, global_scale, saturate: bool):
+    """Packed E2M1, E4M3 block scales (per 16 along the last dim) and the global scale."""
+    gs = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(())
+    blocks = _blocks(x.float(), NVFP4_BLOCK)
+    ratio = blocks.abs().amax(-1) / (E2M1_MAX * gs)
+    if saturate:  # activations beyond their calibration: the hardware's satfinite conversion
+        ratio = ratio.clamp(max=E4M3_MAX)
+    scale = ratio.to(torch.float8_e4m3fn)
+    denom = scale.float().unsqueeze(-1) * gs
     scaled = torch.where(denom > 0, blocks / torch.where(denom > 0, denom, 1.0), 0.0)
-    codes = encode_e2m1(scaled.flatten(-2))
-    return Nvfp4Weight(pack_e2m1(codes), scale, ws2,
-                       torch.tensor(float(input_scale), dtype=torch.float32, device=w.device))
+    return pack_e2m1(encode_e2m1(scaled.flatten(-2))), scale, gs
+
+
+def quantize_activation_nvfp4(x: torch.Tensor, input_scale) -> Nvfp4Weight:
+    """W4A4 activations [T, K]: NVFP4 along K with the checkpoint's calibrated `input_scale` as the
+    fixed global scale (no reduction over the batch, so a kernel doing it is graph safe). Block
+    scales saturate at 448 and values at 6 when a token exceeds the calibration."""
+    packed, scale, gs = _nvfp4_encode(x, input_scale, saturate=True)
+    return Nvfp4Weight(packed, scale, gs, gs)
+
+
+def nvfp4_qdq(x: torch.Tensor, input_scale) -> torch.Tensor:
+    """Quantize-dequantize activations to NVFP4 (quantize_activation_nvfp4); fp32 out."""
+    return dequantize_nvfp4(quantize_activation_nvfp4(x, input_scale))
+
+
+def swizzle_scales_128x4(scales: torch.Tensor) -> torch.Tensor:
+    """Block scales [M, Ks] (one byte each) -> the tensor-core layout of Blackwell's block-scaled MMA
+    (cuBLAS/CUTLASS "128x4"), bytes only moved: M padded to 128 and Ks to 4 with zeros; 512-byte
+    tiles in (M/128, Ks/4) row-major order; inside a tile, row r and column c sit at byte
+    (r % 32) * 16 + (r // 32) * 4 + c. Returns a flat uint8 tensor."""
+    m, ks = scales.shape
+    raw = scales.view(torch.uint8)
+    padded = torch.zeros(-(-m // 128) * 128, -(-ks // 4) * 4, dtype=torch.uint8, device=raw.device)
+    padded[:m, :ks] = raw
+    mb, kb = padded.shape[0] // 128, padded.shape[1] // 4
+    tiles = padded.view(mb, 4, 32, kb, 4).permute(0, 3, 2, 1, 4)  # [mb, kb, r % 32, r // 32, c]
+    return tiles.reshape(-1).contiguous()
+
+
+def unswizzle_scales_128x4(flat: torch.Tensor, m: int, ks: int) -> torch.Tensor:
+    """The inverse of swizzle_scales_128x4: uint8 [M, Ks]."""
+    mb, kb = -(-m // 128), -(-ks // 4)
+    tiles = flat.view(torch.uint8).view(mb, kb, 32, 4, 4).permute(0, 3, 2, 1, 4)  # [mb, r // 32, r % 32, kb, c]
+    return tiles.reshape(mb * 128, kb * 4)[:m, :ks].contiguous()
 
 
 def dequantize_nvfp4(q: Nvfp4Weight) -> torch.Tensor:

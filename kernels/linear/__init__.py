@@ -14,6 +14,8 @@ GPU runners (CuTe DSL), each with its twin; the checkpoint's bytes are used in p
   Twin: `linear_fp8_ref`.
 - `linear_w4a16(x, weight)`: dense NVFP4/MXFP4, the MoE grouped kernel with one group (kernels.moe).
   Twin: `linear_w4a16_ref`.
+- `linear_w4a4(x, weight)`: Blackwell NVFP4 x NVFP4 (activations quantized on the fly with the
+  weight's `input_scale`), COMPILE-VERIFIED ONLY (kernels.w4a4). Twin: `linear_w4a4_ref`.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ import torch.nn.functional as F
 import functools
 
 from ..formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp8_qdq,
-                       quantize_activation_fp8)
+                       nvfp4_qdq, quantize_activation_fp8)
 
 __all__ = ["linear_ref", "dequantize_weight", "linear_w4a16", "linear_w4a16_ref", "linear_fp8", "linear_fp8_ref",
-           "quantize_rows_fp8", "fp8_plan", "compile_fp8_kernels"]
+           "quantize_rows_fp8", "fp8_plan", "compile_fp8_kernels", "linear_w4a4", "linear_w4a4_ref"]
 
 
 def dequantize_weight(weight, dtype=torch.float32) -> torch.Tensor:
@@ -220,3 +222,33 @@ def compile_fp8_kernels(max_tokens: int, shapes, device=None) -> None:
     for rows, k, groups, e8m0 in shapes:
         for t in range(1, max_tokens + 1):
             _compiled_fp8_gemm(*fp8_plan(t, rows // groups, k, groups), e8m0, arch)
+
+
+# ---------------------------------------------------------------------------------------------
+# NVFP4 x NVFP4 (Blackwell)
+# ---------------------------------------------------------------------------------------------
+
+def linear_w4a4_ref(x: torch.Tensor, weight: Nvfp4Weight) -> torch.Tensor:
+    """The twin of linear_w4a4: x quantized to NVFP4 with the weight's input_scale, fp32 out."""
+    if not isinstance(weight, Nvfp4Weight):
+        raise TypeError(f"linear_w4a4 takes NVFP4 weights, got {type(weight).__name__}")
+    return F.linear(nvfp4_qdq(x.float(), weight.input_scale), weight.dequantize())
+
+
+def linear_w4a4(x: torch.Tensor, weight: Nvfp4Weight, tile_n: int = 128) -> torch.Tensor:
+    """Blackwell runner (COMPILE-VERIFIED ONLY): x bf16 [T, K] -> bf16 [T, N]."""
+    from ..w4a4 import blockscaled_matmul, quantize_rows_nvfp4, swizzle_scales_128x4
+    if not isinstance(weight, Nvfp4Weight):
+        raise TypeError(f"linear_w4a4 takes NVFP4 weights, got {type(weight).__name__}")
+    n, k = weight.shape
+    t, dev = x.shape[0], x.device
+    rows = -(-t // tile_n) * tile_n
+    row_source = torch.arange(rows, dtype=torch.int32, device=dev)
+    row_source = torch.where(row_source < t, row_source, -1)
+    tile_group = torch.zeros(rows // tile_n, dtype=torch.int32, device=dev)
+    gs = weight.input_scale.float().reshape(1)
+    xq, xs = quantize_rows_nvfp4(x, row_source, torch.zeros(rows, device=dev), tile_group, gs, k, tile_n)
+    alpha = (gs * weight.weight_scale_2.float()).reshape(1, 1).expand(1, 2).contiguous()
+    out = blockscaled_matmul(weight.weight.view(torch.uint8), swizzle_scales_128x4(weight.weight_scale), xq, xs,
+                             alpha, tile_group, n, k, 1, n, tile_n, out_dtype=torch.bfloat16)
+    return out[:t]

@@ -24,6 +24,10 @@ class StackedExperts:
     w2: torch.Tensor    # uint8 [E, D, I/2]
     s2: torch.Tensor    # uint8 [E, D, I/G]
     g2: torch.Tensor    # fp32  [E]
+    # NVFP4 `input_scale`s (W4A4 activation calibration; ones for MXFP4): of x (w1/w3, the larger
+    # if they differ, so neither saturates earlier than calibrated) and of h (w2).
+    a13: torch.Tensor | None = None  # fp32 [E]
+    a2: torch.Tensor | None = None   # fp32 [E]
 
     @property
     def group(self) -> int:
@@ -42,7 +46,8 @@ class StackedExperts:
         return self.w13.shape[1] // 2
 
     def to(self, device) -> "StackedExperts":
-        return StackedExperts(self.fmt, *(t.to(device) for t in (self.w13, self.s13, self.g13, self.w2, self.s2, self.g2)))
+        return StackedExperts(self.fmt, *(None if t is None else t.to(device)
+                                          for t in (self.w13, self.s13, self.g13, self.w2, self.s2, self.g2, self.a13, self.a2)))
 
 
 def w4_parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,7 +65,8 @@ def stack_experts(experts: list[tuple]) -> StackedExperts:
     if len(kinds) != 1:
         raise ValueError(f"all routed experts must share one format, got {sorted(k.__name__ for k in kinds)}")
     fmt = "nvfp4" if kinds == {Nvfp4Weight} else "mxfp4"
-    w13, s13, g13, w2, s2, g2 = [], [], [], [], [], []
+    w13, s13, g13, w2, s2, g2, a13, a2 = [], [], [], [], [], [], [], []
+    input_scale = lambda w: w.input_scale.float().reshape(()) if fmt == "nvfp4" else torch.ones((), device=w.weight.device)
     for w1, w2_, w3 in experts:
         (a, sa, ga), (b, sb, gb), (c, sc, gc) = w4_parts(w1), w4_parts(w3), w4_parts(w2_)
         w13.append(torch.cat([a, b]))
@@ -69,8 +75,10 @@ def stack_experts(experts: list[tuple]) -> StackedExperts:
         w2.append(c)
         s2.append(sc)
         g2.append(gc)
+        a13.append(torch.maximum(input_scale(w1), input_scale(w3)))
+        a2.append(input_scale(w2_))
     return StackedExperts(fmt, torch.stack(w13), torch.stack(s13), torch.stack(g13), torch.stack(w2),
-                          torch.stack(s2), torch.stack(g2))
+                          torch.stack(s2), torch.stack(g2), torch.stack(a13), torch.stack(a2))
 
 
 def unstack(stacked: StackedExperts, e: int):

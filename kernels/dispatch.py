@@ -1,0 +1,70 @@
+"""Which kernels run where: one decision per device, logged once.
+
+    compute capability 10.x (Blackwell) -> "sm100": W4A4 runners for NVFP4 (COMPILE-VERIFIED ONLY, no
+                                           Blackwell GPU has run them), W4A16 runners for MXFP4
+    compute capability 9.x  (Hopper)    -> "sm90":  FP8 block-128 wgmma GEMM, W4A16 runners
+    anything else (CPU, older GPUs)     -> "twin":  the pure-torch twins
+
+`linear(x, weight)` and `moe(...)` call the runner for the weight's format on that backend. FP8
+block-128 layers on Blackwell use the twin until an sm_100a FP8 runner exists.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .formats import Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight
+
+log = logging.getLogger("deepseek_v4.kernels")
+
+
+def backend_for(capability: tuple[int, int] | None) -> str:
+    if capability is None:
+        return "twin"
+    if capability[0] == 10:
+        return "sm100"
+    if capability[0] == 9:
+        return "sm90"
+    return "twin"
+
+
+@functools.cache
+def backend(device: torch.device) -> str:
+    device = torch.device(device)
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    chosen = backend_for(cap)
+    name = torch.cuda.get_device_name(device) if cap else "CPU"
+    what = {"sm100": "sm_100a runners (W4A4 NVFP4: compile-verified only, never run on hardware)",
+            "sm90": "sm_90a runners (FP8 wgmma GEMM, W4A16)", "twin": "pure-torch twins"}[chosen]
+    log.info("kernels: %s (capability %s) -> %s", name, cap, what)
+    return chosen
+
+
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """y = x @ W^T in x's dtype (bf16 in the GPU model) on the device's runner for W's format."""
+    from . import linear as lin
+    kind = backend(x.device)
+    if isinstance(weight, Fp8BlockWeight):
+        y = lin.linear_fp8(x, weight) if kind == "sm90" else lin.linear_fp8_ref(x, weight)
+    elif isinstance(weight, Nvfp4Weight) and kind == "sm100":
+        y = lin.linear_w4a4(x, weight)
+    elif isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
+        y = lin.linear_w4a16(x, weight) if kind in ("sm90", "sm100") else lin.linear_w4a16_ref(x, weight)
+    else:
+        return F.linear(x, weight.to(x.dtype))
+    return y.to(x.dtype)
+
+
+def moe(x, weights, experts, stacked, swiglu_limit: float) -> torch.Tensor:
+    """Routed experts on the device's runner -> fp32 [T, D]."""
+    from .moe import moe_w4a16, moe_w4a16_ref
+    from .moe.w4a4 import moe_w4a4
+    kind = backend(x.device)
+    if kind == "sm100" and stacked.fmt == "nvfp4":
+        return moe_w4a4(x, weights, experts, stacked, swiglu_limit)
+    if kind in ("sm90", "sm100"):
+        return moe_w4a16(x, weights, experts, stacked, swiglu_limit)
+    return moe_w4a16_ref(x, weights, experts, stacked, swiglu_limit)
