@@ -289,7 +289,12 @@ class DeepseekV4:
                 entry = fp4_qdq(entry @ self._hadamard, INDEXER_QAT_BLOCK)
             else:
                 entry = self._kv_qat(entry)
-        # Only emitting tokens write (tokens of one window share an index: no racing writes).
+        self.write_entries(st, slots, pos, entry, ratio)
+
+    def write_entries(self, st: CompressorState, slots: torch.Tensor, pos: torch.Tensor, entry: torch.Tensor,
+                      ratio: int) -> None:
+        """Store the entries of the tokens that close a window (tokens of one window share an
+        index: only the emitting ones write, so nothing races)."""
         b, s = ((pos + 1) % ratio == 0).nonzero(as_tuple=True)
         st.entries[slots[b], pos[b, s] // ratio] = entry[b, s]
 
@@ -355,11 +360,14 @@ class DeepseekV4:
         o = apply_rope(o, pos, freqs, rd, inverse=True)
         # Grouped output projection: block-diagonal wo_a (one [o_lora, H*hd/G] block per group).
         o = o.flatten(2).unflatten(-1, (a.o_groups, -1))                          # [B, S, G, H*hd/G]
-        if self.simulate_qat and not isinstance(self.w[f"{p}wo_a"], torch.Tensor):
+        return self.linear(self.grouped_linear(o, f"{p}wo_a").flatten(2), f"{p}wo_b")
+
+    def grouped_linear(self, o: torch.Tensor, name: str) -> torch.Tensor:
+        """o: [B, S, G, K] through the block-diagonal weight `name` [G*R, K] -> [B, S, G, R]."""
+        if self.simulate_qat and not isinstance(self.w[name], torch.Tensor):
             o = fp8_qdq(o)
-        wo_a = dequantize_weight(self.w[f"{p}wo_a"], o.dtype).unflatten(0, (a.o_groups, a.o_lora_rank))
-        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)
-        return self.linear(o.flatten(2), f"{p}wo_b")
+        w = dequantize_weight(self.w[name], o.dtype).unflatten(0, (o.shape[2], -1))
+        return torch.einsum("bsgd,grd->bsgr", o, w)
 
     # --- MoE -----------------------------------------------------------------------------
     def route(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool):
@@ -413,6 +421,11 @@ class DeepseekV4:
         x = rms_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"], self.args.rms_norm_eps)
         return F.linear(wide(x), self.w["head.weight"])
 
+    @staticmethod
+    def check_positions(pos: torch.Tensor, state: ModelState) -> None:
+        if int(pos.max()) >= state.max_len:
+            raise ValueError(f"position {int(pos.max())} exceeds the state's max_len {state.max_len}")
+
     def _positions(self, input_ids: torch.Tensor, start_pos) -> torch.Tensor:
         start = torch.as_tensor(start_pos, dtype=torch.long, device=self.device).reshape(-1, 1)
         return start + torch.arange(input_ids.shape[1], device=self.device)
@@ -427,8 +440,7 @@ class DeepseekV4:
         input_ids = input_ids.to(self.device)
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
         pos = self._positions(input_ids, start_pos)
-        if int(pos.max()) >= state.max_len:
-            raise ValueError(f"position {int(pos.max())} exceeds the state's max_len {state.max_len}")
+        self.check_positions(pos, state)
         h = self.w["embed.weight"][input_ids].to(self.dtype)
         h = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)
         for layer in range(a.num_hidden_layers):

@@ -43,19 +43,22 @@ def backend(device: torch.device) -> str:
     return chosen
 
 
-def linear(x: torch.Tensor, weight) -> torch.Tensor:
-    """y = x @ W^T in x's dtype (bf16 in the GPU model) on the device's runner for W's format."""
+def linear(x: torch.Tensor, weight, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x @ W^T on the device's runner for W's format; x bf16 or fp32 [T, K] (fp32 saves FP8 a
+    double rounding), y in out_dtype (default: x's)."""
     from . import linear as lin
-    kind = backend(x.device)
+    kind, out_dtype = backend(x.device), out_dtype or x.dtype
     if isinstance(weight, Fp8BlockWeight):
-        y = lin.linear_fp8(x, weight) if kind == "sm90" else lin.linear_fp8_ref(x, weight)
+        if kind == "sm90":
+            return lin.linear_fp8(x.contiguous(), weight, out_dtype=out_dtype)
+        y = lin.linear_fp8_ref(x, weight)
     elif isinstance(weight, Nvfp4Weight) and kind == "sm100":
-        y = lin.linear_w4a4(x, weight)
+        y = lin.linear_w4a4(x.to(torch.bfloat16).contiguous(), weight)
     elif isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
-        y = lin.linear_w4a16(x, weight) if kind in ("sm90", "sm100") else lin.linear_w4a16_ref(x, weight)
+        y = lin.linear_w4a16(x.contiguous(), weight) if kind in ("sm90", "sm100") else lin.linear_w4a16_ref(x, weight)
     else:
-        return F.linear(x, weight.to(x.dtype))
-    return y.to(x.dtype)
+        return F.linear(x, weight.to(x.dtype)).to(out_dtype)
+    return y.to(out_dtype)
 
 
 def moe(x, weights, experts, stacked, swiglu_limit: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ Conventions (see shared/knowledge/formats.md):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,17 +33,24 @@ FP8_BLOCK = 128
 # E2M1 codes and nibble packing
 # ---------------------------------------------------------------------------------------------
 
+@functools.cache
+def _device_constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small float32 table made once per device: building it from a list inside a forward would
+    copy host memory, which a CUDA-graph capture refuses."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def e2m1_values(device=None) -> torch.Tensor:
     """The 16 values of the E2M1 codes 0..15 (code 8 is -0.0)."""
-    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
-    return torch.cat([mags, -mags])
+    mags = E2M1_MAGNITUDES
+    return _device_constant(mags + tuple(-m for m in mags), torch.device(device or "cpu"))
 
 
 def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round float values to E2M1 codes (uint8, one code per element), ties to even, saturating."""
     x = x.float()
     mag = x.abs().clamp(max=E2M1_MAX)
-    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=torch.float32, device=x.device)
+    mids = _device_constant(_E2M1_MIDPOINTS, x.device)
     code = torch.bucketize(mag, mids)  # number of midpoints strictly below mag
     # On a midpoint bucketize picks the lower code; ties go to the even code instead.
     on_mid = mids[code.clamp(max=len(_E2M1_MIDPOINTS) - 1)] == mag

@@ -13,6 +13,8 @@ class EngineConfig:
     max_queue: int = 64             # waiting requests beyond which new ones are refused
     prefill_chunk: int = 64         # prompt tokens processed per prefill step
     simulate_qat: bool = False      # the reference model's QAT simulation (see backend.model)
+    kernels: bool = True            # on CUDA: the model on the kernel runners (backend.gpu_model)
+    cuda_graphs: bool = True        # on CUDA with kernels: decode from pre-captured graphs
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk"):

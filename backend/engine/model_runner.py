@@ -35,8 +35,18 @@ class ModelRunner:
         if ckpt.tokenizer_file is None:
             raise ValueError(f"checkpoint {path} has no tokenizer.json")
         self.tokenizer = load_tokenizer(ckpt.tokenizer_file)
-        self.model = DeepseekV4(ckpt.args, ckpt.weights, simulate_qat=config.simulate_qat, device=self.device)
-        self.state = self.model.new_state(config.max_num_seqs, config.max_model_len, with_mtp=False)
+        on_kernels = self.device.type == "cuda" and config.kernels
+        if on_kernels:
+            from ..gpu_model import DeepseekV4Gpu
+            self.model = DeepseekV4Gpu(ckpt.args, ckpt.weights, simulate_qat=config.simulate_qat, device=self.device)
+        else:
+            self.model = DeepseekV4(ckpt.args, ckpt.weights, simulate_qat=config.simulate_qat, device=self.device)
+        # One slot more than sequences: the scratch slot that padded graph rows decode into.
+        self.state = self.model.new_state(config.max_num_seqs + 1, config.max_model_len, with_mtp=False)
+        self.graphs = None
+        if on_kernels and config.cuda_graphs:
+            from .cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self.model, self.state, config.max_num_seqs, scratch_slot=config.max_num_seqs)
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns()) & (2**62))
         log.info("[deepseek_v4] loaded %s (%s) on %s in %.1f s; %d slots x %d tokens", path,
                  dict(ckpt.formats), self.device, time.perf_counter() - start, config.max_num_seqs,
@@ -60,6 +70,9 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for each sequence; -> logits [B, V]."""
+        if self.graphs is not None:
+            return self.graphs.run([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
+                                   [s.slot for s in seqs])
         tokens = torch.tensor([[s.last_token] for s in seqs])
         positions = torch.tensor([s.num_tokens - 1 for s in seqs])
         logits, _ = self.model.forward(tokens, positions, [s.slot for s in seqs], self.state)

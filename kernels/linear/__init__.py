@@ -53,7 +53,7 @@ def linear_w4a16_ref(x: torch.Tensor, weight) -> torch.Tensor:
 
 
 def linear_w4a16(x: torch.Tensor, weight) -> torch.Tensor:
-    """Dense W4A16 on the GPU: x bf16 [T, K], weight NVFP4/MXFP4 [N, K] -> fp32 [T, N].
+    """Dense W4A16 on the GPU: x bf16 or fp32 [T, K], weight NVFP4/MXFP4 [N, K] -> fp32 [T, N].
     Graph safe (static shapes, no host syncs); compile first outside any capture (one eager call)."""
     from ..moe import _arch, _compiled, _vecs, pair_order  # CuTe DSL is needed only here
     from ..moe.experts import w4_parts
@@ -118,8 +118,12 @@ def _fake_strided(dtype, order, *dims):
     return make_fake_compact_tensor(dtype, shape, stride_order=order, assumed_align=16)
 
 
+_CUTE_DTYPES = {torch.bfloat16: "BFloat16", torch.float32: "Float32"}
+
+
 @functools.cache
-def _compiled_fp8_gemm(tile_n: int, stages: int, splits: int, consumers: int, e8m0: bool, arch: str):
+def _compiled_fp8_gemm(tile_n: int, stages: int, splits: int, consumers: int, e8m0: bool, arch: str,
+                       out_dtype: torch.dtype = torch.bfloat16):
     from ..moe import _ensure_cache_dir, _fake
     _ensure_cache_dir()
     import cutlass
@@ -131,13 +135,13 @@ def _compiled_fp8_gemm(tile_n: int, stages: int, splits: int, consumers: int, e8
             _fake_strided(cutlass.Float8E4M3FN, (2, 0, 1), None, None, None),   # tokens (N, K, L)
             _fake(cutlass.Uint8 if e8m0 else cutlass.Float32, None, None),
             _fake_strided(cutlass.Float32, (2, 0, 1), None, None, None),
-            _fake(cutlass.BFloat16, None, None), _fake(cutlass.Float32, None, None, None), _fake(cutlass.Int32, None),
-            make_fake_stream(use_tvm_ffi_env_stream=True))
+            _fake(getattr(cutlass, _CUTE_DTYPES[out_dtype]), None, None), _fake(cutlass.Float32, None, None, None),
+            _fake(cutlass.Int32, None), make_fake_stream(use_tvm_ffi_env_stream=True))
     return cute.compile(fp8_block_gemm, *args, tile_n, stages, splits, consumers, e8m0, options="--enable-tvm-ffi")
 
 
 @functools.cache
-def _compiled_quant(arch: str):
+def _compiled_quant(arch: str, x_dtype: torch.dtype = torch.bfloat16):
     from ..moe import _ensure_cache_dir, _fake
     _ensure_cache_dir()
     import cutlass
@@ -145,22 +149,23 @@ def _compiled_quant(arch: str):
     from cutlass.runtime import make_fake_stream
 
     from .fp8_block_sm90 import quantize_rows
-    args = (_fake(cutlass.BFloat16, None, None), _fake(cutlass.Int32, None, None), _fake(cutlass.Float32, None, None),
-            make_fake_stream(use_tvm_ffi_env_stream=True))
+    args = (_fake(getattr(cutlass, _CUTE_DTYPES[x_dtype]), None, None), _fake(cutlass.Int32, None, None),
+            _fake(cutlass.Float32, None, None), make_fake_stream(use_tvm_ffi_env_stream=True))
     return cute.compile(quantize_rows, *args, options="--enable-tvm-ffi")
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPU activation quantizer, one kernel: bf16 [T, K] -> (E4M3 [T, K], fp32 scales [T, K/128]),
-    bit-identical to kernels.formats.quantize_activation_fp8 (its twin)."""
+    """GPU activation quantizer, one kernel: bf16 or fp32 [T, K] -> (E4M3 [T, K], fp32 scales
+    [T, K/128]), bit-identical to kernels.formats.quantize_activation_fp8 (its twin). fp32 input
+    avoids a double rounding (to bf16, then to E4M3) that flips a few percent of the E4M3 values."""
     from ..moe import _arch
     t, k = x.shape
-    if x.dtype != torch.bfloat16 or not x.is_contiguous() or k % FP8_BLOCK:
-        raise ValueError(f"quantize_rows_fp8: x must be contiguous bfloat16 [T, K] with K % 128 == 0, got "
-                         f"{x.dtype} {tuple(x.shape)}")
+    if x.dtype not in _CUTE_DTYPES or not x.is_contiguous() or k % FP8_BLOCK:
+        raise ValueError(f"quantize_rows_fp8: x must be contiguous bfloat16 or float32 [T, K] with K % 128 == 0, "
+                         f"got {x.dtype} {tuple(x.shape)}")
     q = torch.empty(t, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(t, k // FP8_BLOCK, dtype=torch.float32, device=x.device)
-    _compiled_quant(_arch(x.device))(x, q.view(torch.int32), scale)
+    _compiled_quant(_arch(x.device), x.dtype)(x, q.view(torch.int32), scale)
     return q, scale
 
 
@@ -184,9 +189,10 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
-def linear_fp8(x, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = None) -> torch.Tensor:
-    """FP8 block-128 linear on the GPU: x [T, groups*K] -> bf16 [T, groups*M], weight [groups*M, K].
-    x is bf16 (quantized here) or an already quantized pair from quantize_rows_fp8, so layers that
+def linear_fp8(x, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = None,
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """FP8 block-128 linear on the GPU: x [T, groups*K] -> [T, groups*M] (bf16 or fp32), weight
+    [groups*M, K]. x is bf16/fp32 (quantized here) or an already quantized pair from quantize_rows_fp8, so layers that
     read the same input quantize it once. groups > 1 is the block-diagonal projection (wo_a):
     group g reads x[:, g*K:(g+1)*K]. Graph safe (static shapes, no host syncs); compile first,
     outside any capture (one eager call or compile_fp8_kernels)."""
@@ -202,8 +208,8 @@ def linear_fp8(x, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = 
     rows = n_total // groups
     tile_n, stages, splits, consumers = plan or fp8_plan(t, rows, k, groups)
     e8m0 = weight.scale.dtype == torch.float8_e8m0fnu
-    kernel = _compiled_fp8_gemm(tile_n, stages, splits, consumers, e8m0, _arch(xq.device))
-    out = torch.empty(t, n_total, dtype=torch.bfloat16, device=xq.device)
+    kernel = _compiled_fp8_gemm(tile_n, stages, splits, consumers, e8m0, _arch(xq.device), out_dtype)
+    out = torch.empty(t, n_total, dtype=out_dtype, device=xq.device)
     partials = torch.empty(splits if splits > 1 else 0, t, n_total, dtype=torch.float32, device=xq.device)
     tiles = rows // 64 * -(-t // tile_n) * groups
     kernel(_batched(weight.weight, groups, False), _batched(xq, groups, True),
@@ -249,6 +255,18 @@ def linear_w4a4(x: torch.Tensor, weight: Nvfp4Weight, tile_n: int = 128) -> torc
     gs = weight.input_scale.float().reshape(1)
     xq, xs = quantize_rows_nvfp4(x, row_source, torch.zeros(rows, device=dev), tile_group, gs, k, tile_n)
     alpha = (gs * weight.weight_scale_2.float()).reshape(1, 1).expand(1, 2).contiguous()
-    out = blockscaled_matmul(weight.weight.view(torch.uint8), swizzle_scales_128x4(weight.weight_scale), xq, xs,
+    out = blockscaled_matmul(weight.weight.view(torch.uint8), _swizzled(weight.weight_scale), xq, xs,
                              alpha, tile_group, n, k, 1, n, tile_n, out_dtype=torch.bfloat16)
     return out[:t]
+
+
+_swizzled_scales: dict = {}
+
+
+def _swizzled(scale: torch.Tensor) -> torch.Tensor:
+    """A weight's block scales in the 128x4 layout, made once (at the first call, i.e. at warm-up)."""
+    from ..w4a4 import swizzle_scales_128x4
+    key = (scale.data_ptr(), tuple(scale.shape))
+    if key not in _swizzled_scales:
+        _swizzled_scales[key] = swizzle_scales_128x4(scale)
+    return _swizzled_scales[key]

@@ -28,7 +28,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import BFloat16, Float32, Int32
+from cutlass import Float32, Int32
 from cutlass import Float8E4M3FN as FP8
 from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cute.nvgpu import cpasync, warpgroup
@@ -51,7 +51,7 @@ def _kernel(
     tma_b: cute.CopyAtom, mB: cute.Tensor,  # tokens  (N, K, L)
     w_scale: cute.Tensor,                   # [ceil(L*M/128), K/128] fp32, or uint8 E8M0
     x_scale: cute.Tensor,                   # (N, K/128, L) fp32
-    out: cute.Tensor,                       # bf16 [N, L*M]
+    out: cute.Tensor,                       # bf16 or fp32 [N, L*M]
     partials: cute.Tensor,                  # fp32 [splits, N, L*M] (splits > 1)
     counters: cute.Tensor,                  # int32 [>= tiles], zero between launches (splits > 1)
     tiled_mma: cute.TiledMma,
@@ -166,7 +166,7 @@ def _kernel(
                 for i in cutlass.range_constexpr(per_thread):
                     t = bn * tile_n + coords[i][1]
                     if t < tokens:
-                        out[t, group * rows + bm * TILE_M + coords[i][0]] = acc[i].to(BFloat16)
+                        out[t, group * rows + bm * TILE_M + coords[i][0]] = acc[i].to(out.element_type)
             else:
                 # Serial split-K: every split stores its fp32 partial; the split that arrives last
                 # (a counter per output tile) sums all partials in split order, so the result does
@@ -190,7 +190,7 @@ def _kernel(
                             total = Float32(0.0)
                             for s in cutlass.range_constexpr(splits):
                                 total = total + partials[s, t, col]
-                            out[t, col] = total.to(BFloat16)
+                            out[t, col] = total.to(out.element_type)
                     if tidx == 0:
                         counters[tile_id] = 0
 
@@ -229,7 +229,7 @@ def fp8_block_gemm(w: cute.Tensor, x: cute.Tensor, w_scale: cute.Tensor, x_scale
 
 
 # ---------------------------------------------------------------------------------------------
-# Activation quantization: bf16 [T, K] -> E4M3 [T, K] + power-of-two fp32 scales [T, K/128]
+# Activation quantization: bf16/fp32 [T, K] -> E4M3 [T, K] + power-of-two fp32 scales [T, K/128]
 # ---------------------------------------------------------------------------------------------
 
 QUANT_WARPS = 4  # one warp per 128-wide block, 4 values per lane
@@ -269,7 +269,7 @@ def _quant_kernel(x: cute.Tensor, q_words: cute.Tensor, scale: cute.Tensor):
 
 @cute.jit
 def quantize_rows(x: cute.Tensor, q_words: cute.Tensor, scale: cute.Tensor, stream):
-    """x bf16 [T, K]; q_words int32 [T, K/4] (E4M3 bytes); scale fp32 [T, K/128]."""
+    """x bf16 or fp32 [T, K]; q_words int32 [T, K/4] (E4M3 bytes); scale fp32 [T, K/128]."""
     _quant_kernel(x, q_words, scale).launch(
         grid=[x.shape[0], (scale.shape[1] + QUANT_WARPS - 1) // QUANT_WARPS, 1], block=[32 * QUANT_WARPS, 1, 1],
         stream=stream)

@@ -104,7 +104,8 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
 
 
 def pair_order(x: torch.Tensor) -> torch.Tensor:
-    """Activations [T, D] as f16 in the kernels' pair order: within each 8, (0,4),(1,5),(2,6),(3,7)."""
+    """Activations [T, D] (bf16 or fp32) as f16 in the kernels' pair order: within each 8,
+    (0,4),(1,5),(2,6),(3,7)."""
     t, d = x.shape
     out = torch.empty(t, d, dtype=torch.float16, device=x.device)
     out.view(t, d // 8, 4, 2).copy_(x.view(t, d // 8, 2, 4).transpose(-1, -2))  # one kernel: permute + convert
@@ -119,12 +120,12 @@ def _vecs(t: torch.Tensor) -> torch.Tensor:
 
 def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
               swiglu_limit: float) -> torch.Tensor:
-    """x: bf16 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref).
+    """x: bf16 or fp32 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref).
     Inner products run in f16x2 per 8 weights (activations converted to f16, which holds BF16
     activations exactly within +-65504), accumulated in fp32 with the block scale per word."""
     t, k = experts.shape
-    if x.dtype != torch.bfloat16 or not x.is_contiguous():
-        raise ValueError("moe_w4a16: x must be a contiguous bfloat16 tensor [T, D]")
+    if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
+        raise ValueError(f"moe_w4a16: x must be a contiguous bfloat16 or float32 tensor [T, D], got {x.dtype}")
     if stacked.hidden % 32 or stacked.inter % 32:
         raise ValueError("moe_w4a16: hidden and intermediate sizes must be multiples of 32")  # also of ROWS (4)
     arch = _arch(x.device)

@@ -27,7 +27,8 @@ def test_engine_on_cuda_generates_the_cpu_tokens(make_checkpoint):
     path = str(make_checkpoint("nvidia-nvfp4"))
     results = []
     for device in ("cpu", "cuda"):
-        engine = LLMEngine(EngineConfig(checkpoint=path, device=device, max_num_seqs=4, max_model_len=128))
+        engine = LLMEngine(EngineConfig(checkpoint=path, device=device, max_num_seqs=4, max_model_len=128,
+                                        kernels=False))  # the reference model on both devices
         engine.start()
         try:
             results.append([engine.generate("The quick brown fox " * n, SamplingParams(max_tokens=12))["token_ids"]

@@ -61,16 +61,22 @@ def test_planner_choices_are_valid():
 
 def test_every_fp8_variant_compiles_for_sm90a():
     """Every (token tile, stages, splits, consumers) the planner picks for a V4 projection at up to 256
-    tokens, with E8M0 and fp32 weight scales, plus the activation quantizer."""
+    tokens, with E8M0 and fp32 weight scales and bf16 / fp32 outputs, the activation quantizer for
+    bf16 and fp32 inputs, and the mHC kernel."""
     code = ("import os; os.environ['CUTE_DSL_ARCH'] = 'sm_90a'\n"
             "from kernels.linear import _compiled_fp8_gemm, _compiled_quant, fp8_plan\n"
             "from tests.gpu.test_linear_fp8 import SHAPES\n"
             "plans = {fp8_plan(t, r // g, k, g) for r, k, g in SHAPES.values() for t in range(1, 257)}\n"
-            "_compiled_quant('sm_90a')\n"
+            "import torch\n"
+            "from kernels.mhc import _compiled as mhc\n"
+            "mhc(4, 20, 1e-6, 'sm_90a')\n"
+            "for dtype in (torch.bfloat16, torch.float32):\n"
+            "    _compiled_quant('sm_90a', dtype)\n"
             "for plan in sorted(plans):\n"
             "    for e8m0 in (True, False):\n"
             "        _compiled_fp8_gemm(*plan, e8m0, 'sm_90a')\n"
-            "print(f'compiled {2 * len(plans)} variants')\n")
+            "    _compiled_fp8_gemm(*plan, True, 'sm_90a', torch.float32)  # fp32 out (the runner model)\n"
+            "print(f'compiled {3 * len(plans)} variants')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
                          env={**os.environ, "CUTE_DSL_ARCH": "sm_90a"})
     assert run.returncode == 0 and "variants" in run.stdout, run.stderr[-3000:]

@@ -1,0 +1,91 @@
+"""Decode-step benchmark (GPU, one run): the model on the kernel runners, CUDA-graph replay vs eager,
+per layer, against the weight-bytes floor of the step.
+
+    python -m bench.decode [--layers 4] [--batch 1,8,32,128] [--flavor nvidia-nvfp4]
+
+A flash-shaped checkpoint (real V4-Flash widths, `--layers` layers) is generated on the GPU. The floor
+is the bytes one step must read (every non-expert weight of the layers, the distinct routed experts
+the batch's routing picks, the head), at the bandwidth bench.timing.stream_read measures in this run.
+"""
+import argparse
+import tempfile
+import time
+
+import torch
+
+from backend.checkpoint import load_checkpoint
+from backend.engine.cuda_graphs import DecodeGraphs
+from backend.gpu_model import DeepseekV4Gpu, split_experts
+from backend.synthetic import generate
+from bench.timing import stream_read
+
+
+def nbytes(w) -> int:
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return sum(nbytes(t) for t in vars(w).values() if isinstance(t, torch.Tensor))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", default="1,8,32,128")
+    p.add_argument("--flavor", default="nvidia-nvfp4")
+    a = p.parse_args()
+    batches = [int(b) for b in a.batch.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = generate(f"{tmp}/ckpt", flavor=a.flavor, size="flash-shaped", layers=a.layers, device="cuda")
+        ck = load_checkpoint(path)
+        model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda")
+        print(f"GPU: {torch.cuda.get_device_name()}; flash-shaped {a.flavor}, {a.layers} layers, "
+              f"ready in {time.perf_counter() - start:.0f} s")
+    args = ck.args
+    # Bytes as the checkpoint ships them (the model widens small plain tensors to fp32).
+    rest, _ = split_experts({n: w for n, w in ck.weights.items() if n.startswith("layers.")})
+    dense = sum(nbytes(w) for w in rest.values()) + nbytes(ck.weights["head.weight"])
+    expert_bytes = sum(nbytes(s) // s.num_experts for k, s in model.stacks.items() if k.startswith("layers."))
+    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").view(torch.int32)
+    for _ in range(3):
+        stream_read(big)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        stream_read(big)
+    torch.cuda.synchronize()
+    bandwidth = 10 * big.numel() * 4 / (time.perf_counter() - t0)
+    print(f"streaming read: {bandwidth / 1e12:.2f} TB/s; non-expert weights + head {dense / 1e6:.0f} MB")
+    print("| batch | graph ms/step | eager ms/step | eager / graph | graph per layer ms | floor ms | graph / floor |")
+    print("|---|---|---|---|---|---|---|")
+    max_b = max(batches)
+    state = model.new_state(max_b + 1, 256, with_mtp=False)
+    graphs = DecodeGraphs(model, state, max_batch=max_b, scratch_slot=max_b)
+    for b in batches:
+        tokens = torch.randint(2, 4000, (b,)).tolist()
+        positions = [17] * b
+        slots = list(range(b))
+        graphs.run(tokens, positions, slots)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            graphs.run(tokens, positions, slots)
+        torch.cuda.synchronize()
+        graph_ms = (time.perf_counter() - t0) / 10 * 1e3
+        tok, pos, sl = (torch.tensor(tokens, device="cuda").view(b, 1), torch.tensor(positions, device="cuda"),
+                        torch.arange(b, device="cuda"))
+        model.forward(tok, pos, sl, state)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model.forward(tok, pos, sl, state)
+        torch.cuda.synchronize()
+        eager_ms = (time.perf_counter() - t0) / 3 * 1e3
+        e, k = args.n_routed_experts, args.num_experts_per_tok
+        distinct = e * (1 - (1 - k / e) ** b)
+        floor_ms = (dense + expert_bytes * distinct) / bandwidth * 1e3
+        print(f"| {b} | {graph_ms:.3f} | {eager_ms:.3f} | {eager_ms / graph_ms:.1f}x | {graph_ms / args.num_hidden_layers:.3f} "
+              f"| {floor_ms:.3f} | {graph_ms / floor_ms:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
