@@ -18,12 +18,14 @@ def _compiled(hc: int, iters: int, eps: float, arch: str):
     f32 = cutlass.Float32
     args = (_fake(f32, None, (2 + hc) * hc), _fake(f32, 3), _fake(f32, (2 + hc) * hc), _fake(f32, None, hc),
             _fake(f32, None, hc), _fake(f32, None, hc * hc), make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(kernel, *args, hc, iters, eps, options="--enable-tvm-ffi")
+    return cute.compile(kernel, *args, iters, eps, options="--enable-tvm-ffi")
 
 
 def mhc_coefficients(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int, eps: float):
     """mixes fp32 [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc]: one kernel."""
     from .moe import _arch
+    if hc != 4:
+        raise ValueError(f"mhc_coefficients: the kernel is written for hc_mult 4, got {hc}")
     lead = mixes.shape[:-1]
     flat = mixes.reshape(-1, mixes.shape[-1]).float().contiguous()
     n = flat.shape[0]
