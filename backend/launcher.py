@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import signal
 import socket
@@ -27,12 +28,14 @@ DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
 
 def triton_home() -> Path:
-    """The tritonserver tree shipped in nvidia-pytriton."""
-    try:
-        import pytriton
-    except ImportError as exc:
-        raise RuntimeError("tritonserver not found: pip install nvidia-pytriton==0.7.0") from exc
-    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+    """The tritonserver tree shipped in nvidia-pytriton ($TRITON_HOME when set). Found without
+    importing pytriton, whose client half needs packages the server does not."""
+    if os.environ.get("TRITON_HOME"):
+        return Path(os.environ["TRITON_HOME"])
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("tritonserver not found: pip install nvidia-pytriton==0.7.0")
+    return Path(spec.origin).resolve().parent / "tritonserver"
 
 
 def free_port() -> int:
@@ -175,8 +178,12 @@ if __name__ == "__main__":
 
 def perf_analyzer() -> tuple[list[str], dict]:
     """The `perf_analyzer` of the tritonclient 2.51 wheel and the environment it needs: it links
-    libb64 and libcudart 12, both shipped inside nvidia-pytriton (linked into a private folder)."""
+    libb64 and libcudart 12, both shipped inside nvidia-pytriton (linked into a private folder).
+    $PERF_ANALYZER, when set, is the command to use as it is."""
+    import shlex
     import shutil
+    if os.environ.get("PERF_ANALYZER"):  # a full command, e.g. "env LD_LIBRARY_PATH=... /path/perf_analyzer"
+        return shlex.split(os.environ["PERF_ANALYZER"]), dict(os.environ)
     exe = shutil.which("perf_analyzer", path=str(Path(sys.executable).parent)) or shutil.which("perf_analyzer")
     if exe is None:
         raise RuntimeError("perf_analyzer not found: pip install tritonclient==2.51.0")

@@ -1,0 +1,137 @@
+"""Served decode on a GPU through the real tritonserver (GPU, one run): a flash-shaped checkpoint
+(real V4-Flash widths, `--layers` layers) generated on the GPU; first the engine in-process, then
+the same engine behind tritonserver (nvidia-pytriton) measured with perf_analyzer over gRPC
+streaming. Prints output tokens/s and per-token latency per concurrency, the server's overhead
+against the in-process engine, and the start-up times (cold and with a warm compile cache).
+
+    python -m bench.serve_gpu [--layers 4] [--concurrency 1,8,32] [--max-tokens 32]
+"""
+import argparse
+import gc
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from backend.engine import EngineConfig, LLMEngine, SamplingParams
+from backend.launcher import DEFAULT_REPOSITORY, TritonServer, perf_analyzer
+from backend.synthetic import generate
+from deepseek_v4_client import write_input_data
+from deepseek_v4_client import SamplingParams as ClientParams
+
+PROMPTS = ["Hello, how are you?", "Write a short poem about the sea.", "Explain mixture of experts.",
+           "List three prime numbers.", "What is the capital of France?"]
+
+
+def engine_run(path, concurrency, max_tokens, max_num_seqs):
+    start = time.perf_counter()
+    engine = LLMEngine(EngineConfig(checkpoint=str(path), device="cuda", max_num_seqs=max_num_seqs, max_model_len=256))
+    engine.start()
+    ready = time.perf_counter() - start
+    rates = {}
+    try:
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0)
+        for c in concurrency:
+            n = max(2 * c, 8)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(c) as pool:
+                outs = list(pool.map(lambda i: engine.generate(PROMPTS[i % len(PROMPTS)], params), range(n)))
+            rates[c] = sum(len(o["token_ids"]) for o in outs) / (time.perf_counter() - t0)
+    finally:
+        engine.shutdown()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ready, rates
+
+
+def stream_text(url: str, prompt: str) -> str:
+    """HTTP generate_stream with the standard library (server-sent events), so the check needs no
+    client packages on the GPU host."""
+    body = json.dumps({"text_input": prompt, "stream": True,
+                       "sampling_parameters": json.dumps({"max_tokens": 16})}).encode()
+    req = urllib.request.Request(f"http://{url}/v2/models/deepseek_v4/generate_stream", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        events = [json.loads(line[5:]) for line in r.read().decode().splitlines() if line.startswith("data:")]
+    return "".join(e.get("text_output", "") for e in events)
+
+
+def repository(path, max_num_seqs) -> Path:
+    repo = Path(tempfile.mkdtemp(prefix="gpu-repo-"))
+    shutil.copytree(DEFAULT_REPOSITORY, repo, dirs_exist_ok=True)
+    cfg = repo / "deepseek_v4" / "config.pbtxt"
+    text = cfg.read_text()
+    text = text.replace('{ key: "checkpoint", value: { string_value: "" } }', f'{{ key: "checkpoint", value: {{ string_value: "{path}" }} }}')
+    text = re.sub(r'(key: "max_num_seqs", value: { string_value: )"\d+"', rf'\1"{max_num_seqs}"', text)
+    text = re.sub(r'(key: "max_model_len", value: { string_value: )"\d+"', r'\1"256"', text)
+    cfg.write_text(text)
+    return repo
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--max-tokens", type=int, default=32)
+    a = p.parse_args()
+    conc = [int(c) for c in a.concurrency.split(",")]
+    max_seqs = max(conc)
+    work = Path(tempfile.mkdtemp(prefix="serve-gpu-"))
+    try:
+        run(a, conc, max_seqs, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the checkpoint is ~20 GB
+
+
+def run(a, conc, max_seqs, work: Path):
+    path = generate(work / "ckpt", flavor="nvidia-nvfp4", size="flash-shaped", layers=a.layers, device="cuda")
+    print(f"GPU: {torch.cuda.get_device_name()}; flash-shaped nvidia-nvfp4, {a.layers} layers", flush=True)
+    engine_ready, engine_rates = engine_run(path, conc, a.max_tokens, max_seqs)
+    print(f"engine in-process: ready in {engine_ready:.1f} s (first start in this process)", flush=True)
+    repo = repository(path, max_seqs)
+    data = work / "input.json"
+    write_input_data(data, PROMPTS, ClientParams(max_tokens=a.max_tokens, min_tokens=a.max_tokens, temperature=0.0))
+    cmd, env = perf_analyzer()
+    for attempt in ("first", "second (warm compile cache)"):
+        t0 = time.perf_counter()
+        server = TritonServer(repo, startup_timeout=600).start()
+        print(f"tritonserver {attempt} start: ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        if attempt == "first":
+            server.stop()
+            continue
+        try:
+            print("streamed:", repr(stream_text(server.http_url, "The quick brown fox"))[:120], flush=True)
+            print("| concurrency | engine tok/s | server tok/s | server / engine | per-token latency ms | errors |")
+            print("|---|---|---|---|---|---|")
+            for c in conc:
+                run = subprocess.run(cmd + ["-m", "deepseek_v4", "-u", server.grpc_url, "-i", "grpc", "--streaming",
+                                            "--input-data", str(data), "--concurrency-range", str(c),
+                                            "--measurement-mode", "count_windows", "--measurement-request-count",
+                                            str(max(2 * c, 8)), "--stability-percentage", "50", "--max-trials", "4"],
+                                     env=env, capture_output=True, text=True, timeout=600)
+                thr = re.search(r"Throughput: ([\d.]+) infer/sec", run.stdout)
+                lat = re.search(r"Avg latency: (\d+) usec", run.stdout)
+                errors = "none" if run.returncode == 0 and "error" not in run.stdout.lower() else run.stdout[-300:]
+                if thr and lat:
+                    # perf_analyzer 2.51 counts requests (each streams exactly max_tokens tokens, as
+                    # min_tokens = max_tokens) and times a request to its final response.
+                    tok = float(thr.group(1)) * a.max_tokens
+                    print(f"| {c} | {engine_rates[c]:.1f} | {tok:.1f} | {tok / engine_rates[c]:.2f} | "
+                          f"{int(lat.group(1)) / 1e3 / a.max_tokens:.2f} | {errors} |", flush=True)
+                else:
+                    print(f"| {c} | {engine_rates[c]:.1f} | ? | ? | ? | {run.stdout[-400:]} {run.stderr[-400:]} |")
+        finally:
+            server.stop()
+            print("server log has a traceback:", "Traceback" in server.log_file.read_text())
+
+
+if __name__ == "__main__":
+    main()
