@@ -20,13 +20,7 @@ def stream_read(words: torch.Tensor, out: torch.Tensor | None = None, block: int
     return out
 
 
-def graph_time(fn, iters: int) -> float:
-    """Median ms of a CUDA-graph replay of fn (captured after two eager warm-ups)."""
-    fn(), fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+def _median_replay_ms(graph: torch.cuda.CUDAGraph, iters: int) -> float:
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -36,6 +30,16 @@ def graph_time(fn, iters: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def graph_time(fn, iters: int) -> float:
+    """Median ms of a CUDA-graph replay of fn (captured after two eager warm-ups)."""
+    fn(), fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _median_replay_ms(graph, iters)
 
 
 def cold_graph_time(calls, rounds: int = 4, iters: int = 5) -> float:
@@ -52,12 +56,4 @@ def cold_graph_time(calls, rounds: int = 4, iters: int = 5) -> float:
             for fn in calls:
                 fn()
     graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (rounds * len(calls)))
-    return sorted(times)[len(times) // 2]
+    return _median_replay_ms(graph, iters) / (rounds * len(calls))
