@@ -421,6 +421,9 @@ class DeepseekV4:
         x = rms_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"], self.args.rms_norm_eps)
         return F.linear(wide(x), self.w["head.weight"])
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.w["embed.weight"][input_ids].to(self.dtype)
+
     @staticmethod
     def check_positions(pos: torch.Tensor, state: ModelState) -> None:
         if int(pos.max()) >= state.max_len:
@@ -441,7 +444,7 @@ class DeepseekV4:
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
         pos = self._positions(input_ids, start_pos)
         self.check_positions(pos, state)
-        h = self.w["embed.weight"][input_ids].to(self.dtype)
+        h = self.embed(input_ids)
         h = h.unsqueeze(2).repeat(1, 1, a.hc_mult, 1)
         for layer in range(a.num_hidden_layers):
             h = self.block(f"layers.{layer}.", layer, h, input_ids, pos, slots, state.layers[layer],
@@ -459,7 +462,7 @@ class DeepseekV4:
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.device).reshape(-1)
         next_ids = next_ids.to(self.device)
         pos = self._positions(next_ids, start_pos)
-        e = rms_norm(self.w["embed.weight"][next_ids].to(self.dtype), self.w[f"{prefix}enorm.weight"], a.rms_norm_eps)
+        e = rms_norm(self.embed(next_ids), self.w[f"{prefix}enorm.weight"], a.rms_norm_eps)
         hn = rms_norm(h, self.w[f"{prefix}hnorm.weight"], a.rms_norm_eps)
         x = self.linear(e, f"{prefix}e_proj").unsqueeze(2) + self.linear(hn, f"{prefix}h_proj")
         x = self.block(prefix, layer, x, next_ids, pos, slots, state.layers[layer], hashed=False)
