@@ -132,6 +132,22 @@ def sparse_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, si
 # State
 # ---------------------------------------------------------------------------------------------
 
+def write_entries_emitting(st: "CompressorState", slots, pos, entry, ratio: int) -> None:
+    """Only the tokens that close a window write (tokens of one window share an index, so nothing
+    races). Data-dependent shapes: for prefill."""
+    b, s = ((pos + 1) % ratio == 0).nonzero(as_tuple=True)
+    st.entries[slots[b], pos[b, s] // ratio] = entry[b, s]
+
+
+def write_entries_decode(st: "CompressorState", slots, pos, entry, ratio: int) -> None:
+    """One token per sequence: every sequence writes its current entry index, and those whose
+    window did not close write the old value back. No data-dependent shapes, no host sync: it
+    captures into a CUDA graph."""
+    index = pos[:, 0] // ratio
+    emit = ((pos[:, 0] + 1) % ratio == 0).view(-1, 1)
+    st.entries[slots, index] = torch.where(emit, entry[:, 0], st.entries[slots, index])
+
+
 @dataclass
 class CompressorState:
     """A compressor's running window per slot and its emitted entries.
@@ -231,10 +247,13 @@ class DeepseekV4:
         flat = wide(x.flatten(2))
         mixes = F.linear(flat, self.w[f"{prefix}hc_{which}_fn"])
         mixes = mixes * torch.rsqrt(flat.square().mean(-1, keepdim=True) + a.rms_norm_eps)
-        pre, post, comb = sinkhorn_split(mixes, self.w[f"{prefix}hc_{which}_scale"],
-                                         self.w[f"{prefix}hc_{which}_base"], a.hc_mult,
-                                         a.hc_sinkhorn_iters, a.hc_eps)
+        pre, post, comb = self.mix_coefficients(mixes, self.w[f"{prefix}hc_{which}_scale"],
+                                                self.w[f"{prefix}hc_{which}_base"])
         return (pre.unsqueeze(-1) * wide(x)).sum(2).to(x.dtype), post, comb
+
+    def mix_coefficients(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor):
+        a = self.args
+        return sinkhorn_split(mixes, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)
 
     @staticmethod
     def hc_post(y: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
@@ -293,10 +312,11 @@ class DeepseekV4:
 
     def write_entries(self, st: CompressorState, slots: torch.Tensor, pos: torch.Tensor, entry: torch.Tensor,
                       ratio: int) -> None:
-        """Store the entries of the tokens that close a window (tokens of one window share an
-        index: only the emitting ones write, so nothing races)."""
-        b, s = ((pos + 1) % ratio == 0).nonzero(as_tuple=True)
-        st.entries[slots[b], pos[b, s] // ratio] = entry[b, s]
+        """Store the entries of the tokens that close a window."""
+        if pos.shape[1] == 1:
+            write_entries_decode(st, slots, pos, entry, ratio)
+        else:
+            write_entries_emitting(st, slots, pos, entry, ratio)
 
     def _kv_qat(self, kv: torch.Tensor) -> torch.Tensor:
         """FP8 QDQ of the NoPE dims (block 64); the RoPE dims keep full precision."""
@@ -307,7 +327,7 @@ class DeepseekV4:
     def indexer(self, prefix: str, x, qr, pos, slots, st: CompressorState) -> torch.Tensor:
         """Lightning indexer: which compressed entries each query attends. -> mask [B, S, C]."""
         a = self.args
-        q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (a.index_n_heads, a.index_head_dim))
+        q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (-1, a.index_head_dim))  # heads held here
         q = apply_rope(q, pos, self.freqs[True], a.qk_rope_head_dim)
         if self.simulate_qat:
             q = fp4_qdq(q @ self._hadamard, INDEXER_QAT_BLOCK)
@@ -316,7 +336,7 @@ class DeepseekV4:
         weights = self.plain_linear(x, f"{prefix}weights_proj.weight") * (
             a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)                   # [B, S, Hi]
         scores = torch.einsum("bshd,bcd->bshc", wide(q), wide(keys)).relu()
-        scores = (scores * weights.unsqueeze(-1)).sum(2)                          # [B, S, C]
+        scores = self.reduce_partial((scores * weights.unsqueeze(-1)).sum(2))    # [B, S, C]
         valid = torch.arange(keys.shape[1], device=x.device) < ((pos + 1) // 4).unsqueeze(-1)
         scores = scores.masked_fill(~valid, float("-inf"))
         return stable_topk_mask(scores, min(a.index_topk, keys.shape[1]))
@@ -330,7 +350,7 @@ class DeepseekV4:
         freqs = self.freqs[ratio > 0]
         p = f"{prefix}attn."
         qr = rms_norm(self.linear(x, f"{p}wq_a"), self.w[f"{p}q_norm.weight"], a.rms_norm_eps)
-        q = self.linear(qr, f"{p}wq_b").unflatten(-1, (a.num_attention_heads, a.head_dim))
+        q = self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim))          # heads held here
         q = apply_rope(rms_norm(q, None, a.rms_norm_eps), pos, freqs, rd)
         kv = rms_norm(self.linear(x, f"{p}wkv"), self.w[f"{p}kv_norm.weight"], a.rms_norm_eps)
         kv = apply_rope(kv, pos, freqs, rd)
@@ -359,8 +379,8 @@ class DeepseekV4:
         o = sparse_attention(q, keys, mask, self.w[f"{p}attn_sink"], a.head_dim ** -0.5)
         o = apply_rope(o, pos, freqs, rd, inverse=True)
         # Grouped output projection: block-diagonal wo_a (one [o_lora, H*hd/G] block per group).
-        o = o.flatten(2).unflatten(-1, (a.o_groups, -1))                          # [B, S, G, H*hd/G]
-        return self.linear(self.grouped_linear(o, f"{p}wo_a").flatten(2), f"{p}wo_b")
+        o = o.flatten(2).unflatten(-1, (-1, a.num_attention_heads * a.head_dim // a.o_groups))  # [B, S, G, H*hd/G]
+        return self.reduce_partial(self.linear(self.grouped_linear(o, f"{p}wo_a").flatten(2), f"{p}wo_b"))
 
     def grouped_linear(self, o: torch.Tensor, name: str) -> torch.Tensor:
         """o: [B, S, G, K] through the block-diagonal weight `name` [G*R, K] -> [B, S, G, R]."""
@@ -400,11 +420,24 @@ class DeepseekV4:
         weights, experts = self.route(f"{prefix}ffn.", x, input_ids.reshape(-1), hashed)
         y = torch.zeros(x.shape, dtype=wide_dtype(x.dtype), device=x.device)
         for e in experts.unique().tolist():
+            if not self.holds_expert(e):
+                continue
             token, k = torch.where(experts == e)
             y.index_add_(0, token, self.expert(x[token], f"{prefix}ffn.experts.{e}.",
                                                weights[token, k, None], clamp=True).to(y.dtype))
-        y += self.expert(x, f"{prefix}ffn.shared_experts.", None, clamp=False).to(y.dtype)
-        return y.to(x.dtype).view(shape)
+        if self.holds_shared_expert:
+            y += self.expert(x, f"{prefix}ffn.shared_experts.", None, clamp=False).to(y.dtype)
+        return self.reduce_partial(y).to(x.dtype).view(shape)
+
+    # --- where a rank holds part of the model (backend.parallel) ---------------------------
+    holds_shared_expert = True
+
+    def holds_expert(self, e: int) -> bool:
+        return True
+
+    def reduce_partial(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a partial result over the ranks that hold the other parts; one process: itself."""
+        return t
 
     # --- blocks and the whole model --------------------------------------------------------
     def block(self, prefix: str, layer: int, h, input_ids, pos, slots, st: LayerState, hashed: bool):
@@ -419,7 +452,8 @@ class DeepseekV4:
 
     def logits(self, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
         x = rms_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"], self.args.rms_norm_eps)
-        return F.linear(wide(x), self.w["head.weight"])
+        head = self.w["head.weight"]  # wide, or kept BF16 by a subclass
+        return F.linear(x.to(head.dtype), head).to(wide_dtype(self.dtype))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.w["embed.weight"][input_ids].to(self.dtype)

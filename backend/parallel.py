@@ -21,42 +21,17 @@ rounding (tests/engine/test_parallel.py: identical greedy tokens with gloo, 2 an
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from kernels.formats import Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight
+from kernels.formats import slice_columns, slice_rows
 
 from .config import ModelArgs
-from .model import DeepseekV4, apply_rope, fp4_qdq, stable_topk_mask, wide, INDEXER_QAT_BLOCK
+from .model import DeepseekV4
 
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
-
-
-def rows(w, start: int, stop: int):
-    """Rows start:stop of a weight in any format (views; block scales follow)."""
-    if isinstance(w, Fp8BlockWeight):
-        return Fp8BlockWeight(w.weight[start:stop], w.scale[start // 128:-(-stop // 128)])
-    if isinstance(w, Nvfp4Weight):
-        return Nvfp4Weight(w.weight[start:stop], w.weight_scale[start:stop], w.weight_scale_2, w.input_scale)
-    if isinstance(w, Mxfp4Weight):
-        return Mxfp4Weight(w.weight[start:stop], w.scale[start:stop])
-    return w[start:stop]
-
-
-def columns(w, start: int, stop: int):
-    """Input columns start:stop of a weight (multiples of its scale block)."""
-    if isinstance(w, Fp8BlockWeight):
-        return Fp8BlockWeight(w.weight[:, start:stop], w.scale[:, start // 128:-(-stop // 128)])
-    if isinstance(w, Nvfp4Weight):
-        return Nvfp4Weight(w.weight[:, start // 2:stop // 2], w.weight_scale[:, start // 16:stop // 16],
-                           w.weight_scale_2, w.input_scale)
-    if isinstance(w, Mxfp4Weight):
-        return Mxfp4Weight(w.weight[:, start // 2:stop // 2], w.scale[:, start // 32:stop // 32])
-    return w[:, start:stop]
 
 
 def shard_weights(args: ModelArgs, weights: dict, rank: int, world: int) -> dict:
@@ -75,15 +50,15 @@ def shard_weights(args: ModelArgs, weights: dict, rank: int, world: int) -> dict
             if int(m.group(1)) % world == rank:
                 out[name] = w
         elif name.endswith("attn.wq_b"):
-            out[name] = rows(w, *(s * hd for s in share(h)))
+            out[name] = slice_rows(w, *(s * hd for s in share(h)))
         elif name.endswith("attn.attn_sink"):
             out[name] = w[slice(*share(h))]
         elif name.endswith("attn.wo_a"):
-            out[name] = rows(w, *(s * r_ for s in share(g)))
+            out[name] = slice_rows(w, *(s * r_ for s in share(g)))
         elif name.endswith("attn.wo_b"):
-            out[name] = columns(w, *(s * r_ for s in share(g)))
+            out[name] = slice_columns(w, *(s * r_ for s in share(g)))
         elif name.endswith("indexer.wq_b"):
-            out[name] = rows(w, *(s * idim for s in share(ih)))
+            out[name] = slice_rows(w, *(s * idim for s in share(ih)))
         elif name.endswith("indexer.weights_proj.weight"):
             out[name] = w[slice(*share(ih))]
         elif name in ("embed.weight", "head.weight"):
@@ -95,60 +70,29 @@ def shard_weights(args: ModelArgs, weights: dict, rank: int, world: int) -> dict
 
 class DeepseekV4Parallel(DeepseekV4):
     """One rank of the model. Call forward on every rank with the same inputs; every rank gets
-    the full logits."""
+    the full logits. The reference model's code runs unchanged on the rank's share: it reads head
+    counts from the weights' shapes and calls the hooks below where parts meet."""
 
     def __init__(self, args: ModelArgs, weights: dict, rank: int, world: int, group=None,
                  simulate_qat: bool = False, device="cpu"):
-        self.global_args, self.rank, self.world, self.group = args, rank, world, group
-        local = dataclasses.replace(args, num_attention_heads=args.num_attention_heads // world,
-                                    o_groups=args.o_groups // world, index_n_heads=args.index_n_heads // world)
-        super().__init__(local, shard_weights(args, weights, rank, world), simulate_qat=simulate_qat, device=device)
+        self.rank, self.world, self.group = rank, world, group
+        super().__init__(args, shard_weights(args, weights, rank, world), simulate_qat=simulate_qat, device=device)
         self.vocab_start = rank * args.vocab_size // world
+        self.holds_shared_expert = rank == 0
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def holds_expert(self, e: int) -> bool:
+        return e % self.world == self.rank
+
+    def reduce_partial(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
         dist.all_reduce(t, group=self.group)
         return t
-
-    def attention(self, prefix, layer, x, pos, slots, st):
-        return self.all_reduce(super().attention(prefix, layer, x, pos, slots, st))
-
-    def indexer(self, prefix: str, x, qr, pos, slots, st) -> torch.Tensor:
-        """As the reference, with this rank's heads; scores summed over all ranks' heads."""
-        a, heads = self.args, self.global_args.index_n_heads
-        q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (a.index_n_heads, a.index_head_dim))
-        q = apply_rope(q, pos, self.freqs[True], a.qk_rope_head_dim)
-        if self.simulate_qat:
-            q = fp4_qdq(q @ self._hadamard, INDEXER_QAT_BLOCK)
-        self.compress(f"{prefix}compressor.", x, pos, slots, st, 4, a.index_head_dim, rotate=True)
-        keys = st.entries[slots]
-        weights = self.plain_linear(x, f"{prefix}weights_proj.weight") * (a.index_head_dim ** -0.5 * heads ** -0.5)
-        scores = torch.einsum("bshd,bcd->bshc", wide(q), wide(keys)).relu()
-        scores = self.all_reduce((scores * weights.unsqueeze(-1)).sum(2).contiguous())
-        valid = torch.arange(keys.shape[1], device=x.device) < ((pos + 1) // 4).unsqueeze(-1)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        return stable_topk_mask(scores, min(a.index_topk, keys.shape[1]))
-
-    def moe(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, experts = self.route(f"{prefix}ffn.", x, input_ids.reshape(-1), hashed)
-        y = torch.zeros(x.shape, dtype=wide(x).dtype, device=x.device)
-        for e in experts.unique().tolist():
-            if e % self.world != self.rank:
-                continue
-            token, k = torch.where(experts == e)
-            y.index_add_(0, token, self.expert(x[token], f"{prefix}ffn.experts.{e}.",
-                                               weights[token, k, None], clamp=True).to(y.dtype))
-        if self.rank == 0:
-            y += self.expert(x, f"{prefix}ffn.shared_experts.", None, clamp=False).to(y.dtype)
-        return self.all_reduce(y).to(x.dtype).view(shape)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         table = self.w["embed.weight"]
         local = input_ids - self.vocab_start
         inside = (local >= 0) & (local < table.shape[0])
-        h = table[local.clamp(0, table.shape[0] - 1)] * inside.unsqueeze(-1)
-        return self.all_reduce(h.to(self.dtype).contiguous())
+        return self.reduce_partial((table[local.clamp(0, table.shape[0] - 1)] * inside.unsqueeze(-1)).to(self.dtype))
 
     def logits(self, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
         local = super().logits(h, prefix).contiguous()

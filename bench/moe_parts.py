@@ -3,7 +3,8 @@ import torch
 
 from bench.moe_w4a16 import SHAPES
 from bench.timing import graph_time
-from kernels.moe import _arch, _compiled, _vecs, pair_order, compile_kernels, dispatch, dispatch_fused, moe_w4a16
+from kernels.cute_compile import target_arch
+from kernels.moe import _compiled, _vecs, pair_order, compile_kernels, dispatch, dispatch_fused, moe_w4a16
 from tests.gpu.test_moe_w4a16 import random_stacked
 
 
@@ -11,7 +12,7 @@ def main():
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, "nvfp4")
     compile_kernels("nvfp4", k, 10.0, num_experts=n_exp)
-    arch = _arch(torch.device("cuda"))
+    arch = target_arch(torch.device("cuda"))
     big = torch.empty(6 * 14_200_000 // 4, dtype=torch.float32, device="cuda").uniform_()
     print("read 85 MB, one sum kernel: %.3f ms" % graph_time(lambda: big.sum(), 20))
     print("copy 85 MB: %.3f ms" % graph_time(lambda: big.clone(), 20))

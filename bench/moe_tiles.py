@@ -6,7 +6,8 @@ import torch
 
 from bench.moe_w4a16 import SHAPES
 from bench.timing import graph_time
-from kernels.moe import _arch, _compiled, _vecs, compile_kernels, dispatch_fused, pair_order
+from kernels.cute_compile import target_arch
+from kernels.moe import _compiled, _vecs, compile_kernels, dispatch_fused, pair_order
 from tests.gpu.test_moe_w4a16 import random_stacked
 
 TOKENS = (1, 8, 32, 128)
@@ -18,7 +19,7 @@ def main(warps=WARPS, rows_l1=ROWS_L1, rows_l2=ROWS_L2, tiles=TILES):
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, "nvfp4")
     compile_kernels("nvfp4", k, 10.0, num_experts=n_exp)
-    arch = _arch(torch.device("cuda"))
+    arch = target_arch(torch.device("cuda"))
     cases = {}
     for t in TOKENS:
         x = torch.randn(t, hidden, device="cuda").bfloat16()

@@ -16,7 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .formats import Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight
+from .formats import Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, slice_rows
 
 log = logging.getLogger("deepseek_v4.kernels")
 
@@ -43,16 +43,21 @@ def backend(device: torch.device) -> str:
     return chosen
 
 
-def linear(x: torch.Tensor, weight, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight, out_dtype: torch.dtype | None = None, groups: int = 1) -> torch.Tensor:
     """y = x @ W^T on the device's runner for W's format; x bf16 or fp32 [T, K] (fp32 saves FP8 a
-    double rounding), y in out_dtype (default: x's)."""
+    double rounding), y in out_dtype (default: x's). groups > 1: W is block-diagonal [groups*R, K]
+    and x [T, groups*K]; group g reads x[:, g*K:(g+1)*K] and gives y[:, g*R:(g+1)*R] (wo_a)."""
     from . import linear as lin
     kind, out_dtype = backend(x.device), out_dtype or x.dtype
     if isinstance(weight, Fp8BlockWeight):
-        if kind == "sm90":
-            return lin.linear_fp8(x.contiguous(), weight, out_dtype=out_dtype)
-        y = lin.linear_fp8_ref(x, weight)
-    elif isinstance(weight, Nvfp4Weight) and kind == "sm100":
+        if kind == "sm90":  # one launch for all groups
+            return lin.linear_fp8(x.contiguous(), weight, groups, out_dtype=out_dtype)
+        return lin.linear_fp8_ref(x, weight, groups).to(out_dtype)
+    if groups > 1:
+        k, r = x.shape[1] // groups, weight.shape[0] // groups
+        return torch.cat([linear(x[:, i * k:(i + 1) * k], slice_rows(weight, i * r, (i + 1) * r), out_dtype)
+                          for i in range(groups)], dim=-1)
+    if isinstance(weight, Nvfp4Weight) and kind == "sm100":
         y = lin.linear_w4a4(x.to(torch.bfloat16).contiguous(), weight)
     elif isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
         y = lin.linear_w4a16(x.contiguous(), weight) if kind in ("sm90", "sm100") else lin.linear_w4a16_ref(x, weight)

@@ -176,6 +176,29 @@ class Fp8BlockWeight:
 QuantizedWeight = Nvfp4Weight | Mxfp4Weight | Fp8BlockWeight
 
 
+def slice_rows(w, start: int, stop: int):
+    """Rows start:stop of a weight in any format (views; block scales follow)."""
+    if isinstance(w, Fp8BlockWeight):
+        return Fp8BlockWeight(w.weight[start:stop], w.scale[start // FP8_BLOCK:-(-stop // FP8_BLOCK)])
+    if isinstance(w, Nvfp4Weight):
+        return Nvfp4Weight(w.weight[start:stop], w.weight_scale[start:stop], w.weight_scale_2, w.input_scale)
+    if isinstance(w, Mxfp4Weight):
+        return Mxfp4Weight(w.weight[start:stop], w.scale[start:stop])
+    return w[start:stop]
+
+
+def slice_columns(w, start: int, stop: int):
+    """Input columns start:stop of a weight (multiples of its scale block)."""
+    if isinstance(w, Fp8BlockWeight):
+        return Fp8BlockWeight(w.weight[:, start:stop], w.scale[:, start // FP8_BLOCK:-(-stop // FP8_BLOCK)])
+    if isinstance(w, Nvfp4Weight):
+        return Nvfp4Weight(w.weight[:, start // 2:stop // 2], w.weight_scale[:, start // NVFP4_BLOCK:stop // NVFP4_BLOCK],
+                           w.weight_scale_2, w.input_scale)
+    if isinstance(w, Mxfp4Weight):
+        return Mxfp4Weight(w.weight[:, start // 2:stop // 2], w.scale[:, start // MXFP4_BLOCK:stop // MXFP4_BLOCK])
+    return w[:, start:stop]
+
+
 # ---------------------------------------------------------------------------------------------
 # NVFP4
 # ---------------------------------------------------------------------------------------------

@@ -6,60 +6,47 @@ here, but no Blackwell GPU has run them. Their twins (`nvfp4_qdq` + matmul) run 
   weight) -> NVFP4 E2M1 + E4M3 scales in the tensor-core 128x4 layout, with a fixed global scale
   per row group (the checkpoint's calibrated `input_scale`): no reduction over the batch, graph safe.
 - `blockscaled_matmul`: the block-scaled GEMM over token tiles, each tiled to a weight group.
-- `BlackwellWeights`: weight scales re-laid out once at load into the 128x4 layout (a bit-preserving
-  permutation, kernels.formats.swizzle_scales_128x4; the packed E2M1 bytes are used as shipped).
+- `swizzled`: weight scales re-laid out once (at first use, the warm-up) into the 128x4 layout, a
+  bit-preserving permutation (kernels.formats.swizzle_scales_128x4); the packed E2M1 bytes are used
+  as shipped.
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from .formats import swizzle_scales_128x4  # noqa: F401 (re-exported for the runners)
+from .cute_compile import compile_tvm_ffi, fake, target_arch
+from .formats import swizzle_scales_128x4
 
 TOKEN_TILES = (128, 256)
 STAGES = {128: 5, 256: 4}  # smem ring depth: 36 KB / 54 KB per stage
 
 
-def _arch(device) -> str:
-    if torch.cuda.is_available() and torch.device(device).type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"sm_{major}{minor}a"
-    return os.environ.get("CUTE_DSL_ARCH", "sm_100a")
-
-
 @functools.cache
 def compiled_gemm(tile_n: int, out_dtype: str, arch: str):
-    from .moe import _ensure_cache_dir, _fake
-    _ensure_cache_dir()
     import cutlass
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_ptr
-    from cutlass.runtime import make_fake_stream
 
     from .blockscaled_sm100 import E2M1, E4M3, blockscaled_gemm
     ptr = lambda dt: make_ptr(dt, 0, cute.AddressSpace.gmem, assumed_align=32)
     out = cutlass.Float32 if out_dtype == "float32" else cutlass.BFloat16
     size = cutlass.Int32(1)
-    args = (ptr(E2M1), ptr(E2M1), ptr(E4M3), ptr(E4M3), _fake(out, None, None), _fake(cutlass.Float32, None, 2),
-            _fake(cutlass.Int32, None), size, size, size, size, size, make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(blockscaled_gemm, *args, tile_n, STAGES[tile_n], options="--enable-tvm-ffi")
+    args = (ptr(E2M1), ptr(E2M1), ptr(E4M3), ptr(E4M3), fake(out, None, None), fake(cutlass.Float32, None, 2),
+            fake(cutlass.Int32, None), size, size, size, size, size)
+    return compile_tvm_ffi(blockscaled_gemm, args, (tile_n, STAGES[tile_n]))
 
 
 @functools.cache
 def compiled_quant(gated: bool, swiglu_limit: float, tile_n: int, arch: str):
-    from .moe import _ensure_cache_dir, _fake
-    _ensure_cache_dir()
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.runtime import make_fake_stream
 
     from .blockscaled_sm100 import quantize_rows
-    args = (_fake(cutlass.Float32 if gated else cutlass.BFloat16, None, None), _fake(cutlass.Int32, None),
-            _fake(cutlass.Float32, None), _fake(cutlass.Int32, None), _fake(cutlass.Float32, None),
-            _fake(cutlass.Int32, None, None), _fake(cutlass.Uint8, None), make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(quantize_rows, *args, tile_n, gated, swiglu_limit, options="--enable-tvm-ffi")
+    args = (fake(cutlass.Float32 if gated else cutlass.BFloat16, None, None), fake(cutlass.Int32, None),
+            fake(cutlass.Float32, None), fake(cutlass.Int32, None), fake(cutlass.Float32, None),
+            fake(cutlass.Int32, None, None), fake(cutlass.Uint8, None))
+    return compile_tvm_ffi(quantize_rows, args, (tile_n, gated, swiglu_limit))
 
 
 def scale_bytes(rows: int, k: int) -> int:
@@ -73,7 +60,7 @@ def quantize_rows_nvfp4(src, row_source, row_weight, tile_group, global_scale, w
     s = row_source.shape[0]
     q = torch.empty(s, width // 2, dtype=torch.uint8, device=src.device)
     scales = torch.zeros(scale_bytes(s, width), dtype=torch.uint8, device=src.device)
-    compiled_quant(gated, float(swiglu_limit), tile_n, _arch(src.device))(
+    compiled_quant(gated, float(swiglu_limit), tile_n, target_arch(src.device))(
         src, row_source, row_weight, tile_group, global_scale, q.view(torch.int32), scales)
     return q, scales
 
@@ -87,7 +74,7 @@ def blockscaled_matmul(weight_bytes, weight_scales, x_bytes, x_scales, alpha, ti
     s = x_bytes.shape[0]
     out = torch.empty(s, groups * rows, dtype=out_dtype, device=x_bytes.device)
     ptr = lambda dt, t: make_ptr(dt, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=32)
-    compiled_gemm(tile_n, "float32" if out_dtype == torch.float32 else "bfloat16", _arch(x_bytes.device))(
+    compiled_gemm(tile_n, "float32" if out_dtype == torch.float32 else "bfloat16", target_arch(x_bytes.device))(
         ptr(E2M1, weight_bytes), ptr(E2M1, x_bytes), ptr(E4M3, weight_scales), ptr(E4M3, x_scales), out, alpha,
         tile_group, rows, s, k, groups, alpha_split)
     return out
@@ -106,6 +93,14 @@ def compile_kernels(arch: str = "sm_100a", swiglu_limit: float = 10.0) -> int:
     return n
 
 
-def swizzled_stack(scales: torch.Tensor) -> torch.Tensor:
-    """[L, rows, k/16] scale bytes -> one flat 128x4 layout per group, concatenated (L outermost)."""
-    return torch.cat([swizzle_scales_128x4(s) for s in scales.view(torch.uint8)])
+_swizzled: dict = {}
+
+
+def swizzled(scales: torch.Tensor) -> torch.Tensor:
+    """Block scale bytes [rows, k/16], or [L, rows, k/16] for a stack, in the 128x4 layout (one
+    layout per group, L outermost). Made once per tensor, at its first use (the warm-up)."""
+    key = (scales.data_ptr(), tuple(scales.shape))
+    if key not in _swizzled:
+        groups = scales.view(torch.uint8).reshape(-1, *scales.shape[-2:])
+        _swizzled[key] = torch.cat([swizzle_scales_128x4(g) for g in groups])
+    return _swizzled[key]

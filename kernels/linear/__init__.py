@@ -19,13 +19,14 @@ GPU runners (CuTe DSL), each with its twin; the checkpoint's bytes are used in p
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-import functools
-
+from ..cute_compile import compile_tvm_ffi, fake, target_arch
 from ..formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp8_qdq,
-                       nvfp4_qdq, quantize_activation_fp8)
+                       nvfp4_qdq)
 
 __all__ = ["linear_ref", "dequantize_weight", "linear_w4a16", "linear_w4a16_ref", "linear_fp8", "linear_fp8_ref",
            "quantize_rows_fp8", "fp8_plan", "compile_fp8_kernels", "linear_w4a4", "linear_w4a4_ref"]
@@ -55,7 +56,7 @@ def linear_w4a16_ref(x: torch.Tensor, weight) -> torch.Tensor:
 def linear_w4a16(x: torch.Tensor, weight) -> torch.Tensor:
     """Dense W4A16 on the GPU: x bf16 or fp32 [T, K], weight NVFP4/MXFP4 [N, K] -> fp32 [T, N].
     Graph safe (static shapes, no host syncs); compile first outside any capture (one eager call)."""
-    from ..moe import _arch, _compiled, _vecs, pair_order  # CuTe DSL is needed only here
+    from ..moe import _compiled, _vecs, pair_order  # CuTe DSL is needed only here
     from ..moe.experts import w4_parts
     from ..moe.routing import Dispatch
     packed, scales, gscale = w4_parts(weight)
@@ -66,7 +67,7 @@ def linear_w4a16(x: torch.Tensor, weight) -> torch.Tensor:
                    torch.zeros(2, dtype=torch.int32, device=dev), torch.ones(1, dtype=torch.int32, device=dev))
     one.active_start[1:].fill_(t)
     out = torch.empty(t, weight.shape[0], dtype=torch.float32, device=dev)
-    kernel = _compiled(False, 1, group, 0.0, _arch(dev))
+    kernel = _compiled(False, 1, group, 0.0, target_arch(dev))
     kernel(_vecs(pair_order(x)), _vecs(packed.unsqueeze(0)), scales.unsqueeze(0), gscale.reshape(1, 1),
            one.sorted_slots.float(), one.sorted_slots, one.active_experts, one.active_start, one.num_active, out)
     return out
@@ -110,62 +111,45 @@ def fp8_plan(tokens: int, rows: int, k: int, groups: int = 1, sms: int = 132) ->
     return tile_n, STAGES[tile_n], splits, consumers
 
 
-def _fake_strided(dtype, order, *dims):
-    """A compact fake tensor whose modes are ordered by `order` (0 = contiguous); None dims are symbolic."""
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor
-    shape = tuple(cute.sym_int() if d is None else d for d in dims)
-    return make_fake_compact_tensor(dtype, shape, stride_order=order, assumed_align=16)
-
-
 _CUTE_DTYPES = {torch.bfloat16: "BFloat16", torch.float32: "Float32"}
 
 
 @functools.cache
 def _compiled_fp8_gemm(tile_n: int, stages: int, splits: int, consumers: int, e8m0: bool, arch: str,
                        out_dtype: torch.dtype = torch.bfloat16):
-    from ..moe import _ensure_cache_dir, _fake
-    _ensure_cache_dir()
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.runtime import make_fake_stream
 
     from .fp8_block_sm90 import fp8_block_gemm
-    args = (_fake_strided(cutlass.Float8E4M3FN, (1, 0, 2), None, None, None),   # weights (M, K, L)
-            _fake_strided(cutlass.Float8E4M3FN, (2, 0, 1), None, None, None),   # tokens (N, K, L)
-            _fake(cutlass.Uint8 if e8m0 else cutlass.Float32, None, None),
-            _fake_strided(cutlass.Float32, (2, 0, 1), None, None, None),
-            _fake(getattr(cutlass, _CUTE_DTYPES[out_dtype]), None, None), _fake(cutlass.Float32, None, None, None),
-            _fake(cutlass.Int32, None), make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(fp8_block_gemm, *args, tile_n, stages, splits, consumers, e8m0, options="--enable-tvm-ffi")
+    args = (fake(cutlass.Float8E4M3FN, None, None, None, order=(1, 0, 2)),   # weights (M, K, L)
+            fake(cutlass.Float8E4M3FN, None, None, None, order=(2, 0, 1)),   # tokens (N, K, L)
+            fake(cutlass.Uint8 if e8m0 else cutlass.Float32, None, None),
+            fake(cutlass.Float32, None, None, None, order=(2, 0, 1)),
+            fake(getattr(cutlass, _CUTE_DTYPES[out_dtype]), None, None), fake(cutlass.Float32, None, None, None),
+            fake(cutlass.Int32, None))
+    return compile_tvm_ffi(fp8_block_gemm, args, (tile_n, stages, splits, consumers, e8m0))
 
 
 @functools.cache
 def _compiled_quant(arch: str, x_dtype: torch.dtype = torch.bfloat16):
-    from ..moe import _ensure_cache_dir, _fake
-    _ensure_cache_dir()
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.runtime import make_fake_stream
 
     from .fp8_block_sm90 import quantize_rows
-    args = (_fake(getattr(cutlass, _CUTE_DTYPES[x_dtype]), None, None), _fake(cutlass.Int32, None, None),
-            _fake(cutlass.Float32, None, None), make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(quantize_rows, *args, options="--enable-tvm-ffi")
+    args = (fake(getattr(cutlass, _CUTE_DTYPES[x_dtype]), None, None), fake(cutlass.Int32, None, None),
+            fake(cutlass.Float32, None, None))
+    return compile_tvm_ffi(quantize_rows, args)
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GPU activation quantizer, one kernel: bf16 or fp32 [T, K] -> (E4M3 [T, K], fp32 scales
     [T, K/128]), bit-identical to kernels.formats.quantize_activation_fp8 (its twin). fp32 input
     avoids a double rounding (to bf16, then to E4M3) that flips a few percent of the E4M3 values."""
-    from ..moe import _arch
     t, k = x.shape
     if x.dtype not in _CUTE_DTYPES or not x.is_contiguous() or k % FP8_BLOCK:
         raise ValueError(f"quantize_rows_fp8: x must be contiguous bfloat16 or float32 [T, K] with K % 128 == 0, "
                          f"got {x.dtype} {tuple(x.shape)}")
     q = torch.empty(t, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(t, k // FP8_BLOCK, dtype=torch.float32, device=x.device)
-    _compiled_quant(_arch(x.device), x.dtype)(x, q.view(torch.int32), scale)
+    _compiled_quant(target_arch(x.device), x.dtype)(x, q.view(torch.int32), scale)
     return q, scale
 
 
@@ -196,7 +180,6 @@ def linear_fp8(x, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = 
     read the same input quantize it once. groups > 1 is the block-diagonal projection (wo_a):
     group g reads x[:, g*K:(g+1)*K]. Graph safe (static shapes, no host syncs); compile first,
     outside any capture (one eager call or compile_fp8_kernels)."""
-    from ..moe import _arch
     if not isinstance(weight, Fp8BlockWeight):
         raise TypeError(f"linear_fp8 takes FP8 block-128 weights, got {type(weight).__name__}")
     n_total, k = weight.shape
@@ -208,7 +191,7 @@ def linear_fp8(x, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = 
     rows = n_total // groups
     tile_n, stages, splits, consumers = plan or fp8_plan(t, rows, k, groups)
     e8m0 = weight.scale.dtype == torch.float8_e8m0fnu
-    kernel = _compiled_fp8_gemm(tile_n, stages, splits, consumers, e8m0, _arch(xq.device), out_dtype)
+    kernel = _compiled_fp8_gemm(tile_n, stages, splits, consumers, e8m0, target_arch(xq.device), out_dtype)
     out = torch.empty(t, n_total, dtype=out_dtype, device=xq.device)
     partials = torch.empty(splits if splits > 1 else 0, t, n_total, dtype=torch.float32, device=xq.device)
     tiles = rows // 64 * -(-t // tile_n) * groups
@@ -221,9 +204,7 @@ def linear_fp8(x, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = 
 def compile_fp8_kernels(max_tokens: int, shapes, device=None) -> None:
     """Warm-up: compile (or load from the disk cache) what linear_fp8 will run for up to `max_tokens`
     tokens on `shapes` ((rows, k, groups, e8m0) per layer), so that CUDA-graph capture compiles nothing."""
-    import os
-    from ..moe import _arch
-    arch = _arch(torch.device(device or "cuda")) if torch.cuda.is_available() else os.environ.get("CUTE_DSL_ARCH", "sm_90a")
+    arch = target_arch(device or ("cuda" if torch.cuda.is_available() else None))
     _compiled_quant(arch)
     for rows, k, groups, e8m0 in shapes:
         for t in range(1, max_tokens + 1):
@@ -243,7 +224,7 @@ def linear_w4a4_ref(x: torch.Tensor, weight: Nvfp4Weight) -> torch.Tensor:
 
 def linear_w4a4(x: torch.Tensor, weight: Nvfp4Weight, tile_n: int = 128) -> torch.Tensor:
     """Blackwell runner (COMPILE-VERIFIED ONLY): x bf16 [T, K] -> bf16 [T, N]."""
-    from ..w4a4 import blockscaled_matmul, quantize_rows_nvfp4, swizzle_scales_128x4
+    from ..w4a4 import blockscaled_matmul, quantize_rows_nvfp4, swizzled
     if not isinstance(weight, Nvfp4Weight):
         raise TypeError(f"linear_w4a4 takes NVFP4 weights, got {type(weight).__name__}")
     n, k = weight.shape
@@ -255,18 +236,6 @@ def linear_w4a4(x: torch.Tensor, weight: Nvfp4Weight, tile_n: int = 128) -> torc
     gs = weight.input_scale.float().reshape(1)
     xq, xs = quantize_rows_nvfp4(x, row_source, torch.zeros(rows, device=dev), tile_group, gs, k, tile_n)
     alpha = (gs * weight.weight_scale_2.float()).reshape(1, 1).expand(1, 2).contiguous()
-    out = blockscaled_matmul(weight.weight.view(torch.uint8), _swizzled(weight.weight_scale), xq, xs,
+    out = blockscaled_matmul(weight.weight.view(torch.uint8), swizzled(weight.weight_scale), xq, xs,
                              alpha, tile_group, n, k, 1, n, tile_n, out_dtype=torch.bfloat16)
     return out[:t]
-
-
-_swizzled_scales: dict = {}
-
-
-def _swizzled(scale: torch.Tensor) -> torch.Tensor:
-    """A weight's block scales in the 128x4 layout, made once (at the first call, i.e. at warm-up)."""
-    from ..w4a4 import swizzle_scales_128x4
-    key = (scale.data_ptr(), tuple(scale.shape))
-    if key not in _swizzled_scales:
-        _swizzled_scales[key] = swizzle_scales_128x4(scale)
-    return _swizzled_scales[key]

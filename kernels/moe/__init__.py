@@ -15,11 +15,10 @@ once eagerly) before capturing a graph: compiling cannot happen inside a capture
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 
 import torch
 
+from ..cute_compile import compile_tvm_ffi, fake, target_arch
 from .experts import StackedExperts, moe_w4a16_ref, stack_experts, unstack
 from .routing import Dispatch, dispatch, route_hash, route_topk
 
@@ -27,53 +26,32 @@ __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "uns
            "route_topk", "route_hash", "compile_kernels", "dispatch_fused"]
 
 
-def _ensure_cache_dir() -> None:
-    if "CUTE_DSL_CACHE_DIR" not in os.environ:
-        root = os.environ.get("DSV4_CACHE_DIR") or Path.home() / ".cache" / "deepseek-v4-triton"
-        os.environ["CUTE_DSL_CACHE_DIR"] = str(Path(root) / "cute-dsl")
-
-
-def _fake(dtype, *dims):
-    """A row-major fake tensor for compiling; None dims are symbolic (any size at run time)."""
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_fake_compact_tensor
-    shape = tuple(cute.sym_int() if d is None else d for d in dims)
-    return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(len(shape)))[::-1], assumed_align=16)
-
-
 @functools.cache
 def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: str, tiles: tuple | None = None):
     """One compiled grouped GEMV per static configuration; every size is a runtime value.
     tiles: (warps, rows per warp, token tile); default: the module's tuned values."""
-    _ensure_cache_dir()
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.runtime import make_fake_stream
 
     from . import w4a16_sm90 as kernel
 
     if tiles is None:
         tiles = (kernel.WARPS, kernel.ROWS_L1 if gated else kernel.ROWS_L2, kernel.TOKEN_TILE)
 
-    args = (_fake(cutlass.Int32, None, None, 4), _fake(cutlass.Int32, None, None, None, 4), _fake(cutlass.Uint8, None, None, None),
-            _fake(cutlass.Float32, None, 2 if gated else 1), _fake(cutlass.Float32, None), _fake(cutlass.Int32, None),
-            _fake(cutlass.Int32, None), _fake(cutlass.Int32, None), _fake(cutlass.Int32, 1),
-            _fake(cutlass.Float16 if gated else cutlass.Float32, None, None),
-            make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(kernel.grouped_gemv, *args, top_k, group, gated, swiglu_limit, *tiles, options="--enable-tvm-ffi")
+    args = (fake(cutlass.Int32, None, None, 4), fake(cutlass.Int32, None, None, None, 4), fake(cutlass.Uint8, None, None, None),
+            fake(cutlass.Float32, None, 2 if gated else 1), fake(cutlass.Float32, None), fake(cutlass.Int32, None),
+            fake(cutlass.Int32, None), fake(cutlass.Int32, None), fake(cutlass.Int32, 1),
+            fake(cutlass.Float16 if gated else cutlass.Float32, None, None))
+    return compile_tvm_ffi(kernel.grouped_gemv, args, (top_k, group, gated, swiglu_limit, *tiles))
 
 
 @functools.cache
 def _compiled_dispatch(num_experts: int, arch: str):
-    _ensure_cache_dir()
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.runtime import make_fake_stream
 
     from .dispatch_sm90 import dispatch_launch
-    args = (_fake(cutlass.Int64, None), _fake(cutlass.Int32, None), _fake(cutlass.Int32, None),
-            _fake(cutlass.Int32, None), _fake(cutlass.Int32, 1), make_fake_stream(use_tvm_ffi_env_stream=True))
-    return cute.compile(dispatch_launch, *args, num_experts, options="--enable-tvm-ffi")
+    args = (fake(cutlass.Int64, None), fake(cutlass.Int32, None), fake(cutlass.Int32, None),
+            fake(cutlass.Int32, None), fake(cutlass.Int32, 1))
+    return compile_tvm_ffi(dispatch_launch, args, (num_experts,))
 
 
 def dispatch_fused(experts: torch.Tensor, num_experts: int) -> Dispatch:
@@ -83,20 +61,15 @@ def dispatch_fused(experts: torch.Tensor, num_experts: int) -> Dispatch:
     dev = experts.device
     d = Dispatch(torch.empty(n, dtype=torch.int32, device=dev), torch.empty(a, dtype=torch.int32, device=dev),
                  torch.empty(a + 1, dtype=torch.int32, device=dev), torch.empty(1, dtype=torch.int32, device=dev))
-    _compiled_dispatch(num_experts, _arch(dev))(experts.reshape(-1).to(torch.int64), d.sorted_slots,
+    _compiled_dispatch(num_experts, target_arch(dev))(experts.reshape(-1).to(torch.int64), d.sorted_slots,
                                                 d.active_experts, d.active_start, d.num_active)
     return d
-
-
-def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}a"
 
 
 def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_experts: int | None = None) -> None:
     """Warm-up: compile (or load from the disk cache) both kernels before any CUDA-graph capture."""
     group = 16 if fmt == "nvfp4" else 32
-    arch = _arch(torch.device(device or "cuda")) if torch.cuda.is_available() else os.environ.get("CUTE_DSL_ARCH", "sm_90a")
+    arch = target_arch(device or ("cuda" if torch.cuda.is_available() else None))
     for gated in (True, False):
         _compiled(gated, top_k, group, float(swiglu_limit), arch)
     if num_experts is not None:
@@ -128,7 +101,7 @@ def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, sta
         raise ValueError(f"moe_w4a16: x must be a contiguous bfloat16 or float32 tensor [T, D], got {x.dtype}")
     if stacked.hidden % 32 or stacked.inter % 32:
         raise ValueError("moe_w4a16: hidden and intermediate sizes must be multiples of 32")  # also of ROWS (4)
-    arch = _arch(x.device)
+    arch = target_arch(x.device)
     d = dispatch_fused(experts, stacked.num_experts)
     route_w = weights.reshape(-1).float().contiguous()
     h = torch.empty(t * k, stacked.inter, dtype=torch.float16, device=x.device)

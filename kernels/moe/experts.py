@@ -97,6 +97,23 @@ def unstack(stacked: StackedExperts, e: int):
             make(stacked.w13[e, i:], stacked.s13[e, i:]))
 
 
+def expert_runs(experts: torch.Tensor, stacked: StackedExperts):
+    """For every expert some (token, k) slot picked: (expert, its slots, dequantized (w1, w2, w3))."""
+    d = dispatch(experts, stacked.num_experts)
+    for j in range(int(d.num_active)):
+        e = int(d.active_experts[j])
+        slots = d.sorted_slots[int(d.active_start[j]):int(d.active_start[j + 1])].long()
+        yield e, slots, tuple(w.dequantize() for w in unstack(stacked, e))
+
+
+def clamped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, route_w: torch.Tensor,
+                   limit: float) -> torch.Tensor:
+    """route_w * silu(min(x W1^T, limit)) * clamp(x W3^T, +-limit): the routed expert's L1."""
+    gate = (x @ w1.T).clamp(max=limit)
+    up = (x @ w3.T).clamp(-limit, limit)
+    return route_w * torch.nn.functional.silu(gate) * up
+
+
 def moe_w4a16_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
                   swiglu_limit: float) -> torch.Tensor:
     """The spec of the routed-expert MoE (W4A16). x: [T, D] (bf16 or fp32); weights fp32 [T, k];
@@ -104,16 +121,8 @@ def moe_w4a16_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     rounded to fp16 (the runners keep h in fp16), y = h W2^T in fp32; the
     output sums a token's k slots in order k = 0..K-1. -> fp32 [T, D]."""
     t, k = experts.shape
-    d = dispatch(experts, stacked.num_experts)
-    num_active = int(d.num_active)
     y = torch.zeros(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
-    for j in range(num_active):
-        e = int(d.active_experts[j])
-        slots = d.sorted_slots[int(d.active_start[j]):int(d.active_start[j + 1])].long()
-        w1, w2, w3 = (w.dequantize() for w in unstack(stacked, e))
-        xs = x[slots // k].float()
-        gate = (xs @ w1.T).clamp(max=swiglu_limit)
-        up = (xs @ w3.T).clamp(-swiglu_limit, swiglu_limit)
-        h = (weights.reshape(-1)[slots, None] * torch.nn.functional.silu(gate) * up).half()
+    for _, slots, (w1, w2, w3) in expert_runs(experts, stacked):
+        h = clamped_swiglu(x[slots // k].float(), w1, w3, weights.reshape(-1)[slots, None], swiglu_limit).half()
         y[slots] = h.float() @ w2.T
     return y.view(t, k, -1).sum(1)

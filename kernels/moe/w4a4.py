@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import nvfp4_qdq
-from .experts import StackedExperts, unstack
-from .routing import dispatch
+from .experts import StackedExperts, clamped_swiglu, expert_runs
 
 
 def moe_w4a4_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
@@ -34,16 +33,10 @@ def moe_w4a4_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, 
         raise ValueError("moe_w4a4_ref: W4A4 needs NVFP4 experts with their input_scale "
                          f"(got {stacked.fmt} experts)")
     t, k = experts.shape
-    d = dispatch(experts, stacked.num_experts)
     y = torch.zeros(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
-    for j in range(int(d.num_active)):
-        e = int(d.active_experts[j])
-        slots = d.sorted_slots[int(d.active_start[j]):int(d.active_start[j + 1])].long()
-        w1, w2, w3 = (w.dequantize() for w in unstack(stacked, e))
+    for e, slots, (w1, w2, w3) in expert_runs(experts, stacked):
         xq = nvfp4_qdq(x[slots // k].float(), stacked.a13[e])
-        gate = (xq @ w1.T).clamp(max=swiglu_limit)
-        up = (xq @ w3.T).clamp(-swiglu_limit, swiglu_limit)
-        h = weights.reshape(-1)[slots, None].float() * torch.nn.functional.silu(gate) * up
+        h = clamped_swiglu(xq, w1, w3, weights.reshape(-1)[slots, None].float(), swiglu_limit)
         y[slots] = nvfp4_qdq(h, stacked.a2[e]) @ w2.T
     return y.view(t, k, -1).sum(1)
 
@@ -53,16 +46,11 @@ def calibrate_input_scales(x: torch.Tensor, weights: torch.Tensor, experts: torc
     """ModelOpt-style calibration on sample tokens: input_scale = amax / (6 * 448) of each expert's
     L1 input x and L2 input h (BF16-activation pipeline); experts that saw no token keep theirs.
     For synthetic checkpoints and tests; real checkpoints ship calibrated scales."""
-    t, k = experts.shape
-    d = dispatch(experts, stacked.num_experts)
+    k = experts.shape[1]
     a13, a2 = stacked.a13.clone(), stacked.a2.clone()
-    for j in range(int(d.num_active)):
-        e = int(d.active_experts[j])
-        slots = d.sorted_slots[int(d.active_start[j]):int(d.active_start[j + 1])].long()
-        w1, _, w3 = (w.dequantize() for w in unstack(stacked, e))
+    for e, slots, (w1, _, w3) in expert_runs(experts, stacked):
         xs = x[slots // k].float()
-        h = (weights.reshape(-1)[slots, None].float() * torch.nn.functional.silu((xs @ w1.T).clamp(max=swiglu_limit))
-             * (xs @ w3.T).clamp(-swiglu_limit, swiglu_limit))
+        h = clamped_swiglu(xs, w1, w3, weights.reshape(-1)[slots, None].float(), swiglu_limit)
         a13[e], a2[e] = xs.abs().amax() / (6 * 448), h.abs().amax().clamp(min=1e-30) / (6 * 448)
     return StackedExperts(stacked.fmt, stacked.w13, stacked.s13, stacked.g13, stacked.w2, stacked.s2, stacked.g2,
                           a13, a2)
@@ -102,13 +90,13 @@ def padded_tiles(weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
 def moe_w4a4(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
              swiglu_limit: float, tile_n: int = 128) -> torch.Tensor:
     """The sm_100a runner of moe_w4a4_ref (COMPILE-VERIFIED ONLY): x bf16 [T, D] -> fp32 [T, D]."""
-    from ..w4a4 import blockscaled_matmul, quantize_rows_nvfp4, swizzled_stack
+    from ..w4a4 import blockscaled_matmul, quantize_rows_nvfp4, swizzled
     if stacked.fmt != "nvfp4" or stacked.a13 is None:
         raise ValueError("moe_w4a4: W4A4 needs NVFP4 experts with their input_scale")
     t, k = experts.shape
     e, d, i = stacked.num_experts, stacked.hidden, stacked.inter
     tiles = padded_tiles(weights, experts, e, tile_n)
-    s13, s2 = _blackwell_scales(stacked)
+    s13, s2 = swizzled(stacked.s13), swizzled(stacked.s2)
     xq, xs = quantize_rows_nvfp4(x, tiles.row_source, tiles.row_weight, tiles.tile_group, stacked.a13, d, tile_n)
     alpha13 = stacked.a13[:, None] * stacked.g13
     h = blockscaled_matmul(stacked.w13, s13, xq, xs, alpha13, tiles.tile_group, 2 * i, d, e, i, tile_n)
@@ -121,15 +109,3 @@ def moe_w4a4(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stac
     out = torch.zeros(t * k + 1, d, dtype=torch.float32, device=x.device)
     out.index_copy_(0, tiles.row_slot, y)  # padding rows all land on the discarded row t*k
     return out[: t * k].view(t, k, d).sum(1)
-
-
-_scale_cache: dict = {}
-
-
-def _blackwell_scales(stacked: StackedExperts):
-    """The experts' block scales in the 128x4 layout, made once per stack (bit-preserving)."""
-    from ..w4a4 import swizzled_stack
-    key = (stacked.s13.data_ptr(), stacked.s2.data_ptr())
-    if key not in _scale_cache:
-        _scale_cache[key] = (swizzled_stack(stacked.s13), swizzled_stack(stacked.s2))
-    return _scale_cache[key]

@@ -4,7 +4,7 @@ import torch
 
 from backend.checkpoint import load_checkpoint
 from backend.gpu_model import DeepseekV4Gpu, split_experts
-from backend.model import CompressorState, DeepseekV4
+from backend.model import CompressorState, write_entries_decode, write_entries_emitting
 from kernels.moe import unstack
 
 
@@ -20,7 +20,9 @@ def test_split_experts_stacks_every_layer_bit_for_bit(make_checkpoint):
     assert torch.equal(w3.weight_scale.view(torch.uint8), ck.weights["layers.1.ffn.experts.5.w3"].weight_scale.view(torch.uint8))
 
 
-def test_decode_entry_write_equals_the_reference_write():
+def test_decode_entry_write_equals_the_emitting_tokens_write():
+    """The graph-safe decode write (masked, every sequence writes) stores what the prefill write
+    (only the tokens that close a window) does."""
     g = torch.Generator().manual_seed(0)
     for ratio in (4, 16):
         st = CompressorState.allocate(6, ratio, 8, 64, "cpu", torch.float32)
@@ -29,8 +31,8 @@ def test_decode_entry_write_equals_the_reference_write():
         slots = torch.tensor([4, 0, 2, 5])
         pos = torch.tensor([[3], [15], [30], [2]])  # emits for (p + 1) % ratio == 0 only
         entry = torch.randn(4, 1, 8, generator=g)
-        DeepseekV4.write_entries(None, ref, slots, pos, entry, ratio)
-        DeepseekV4Gpu.write_entries(None, st, slots, pos, entry, ratio)
+        write_entries_emitting(ref, slots, pos, entry, ratio)
+        write_entries_decode(st, slots, pos, entry, ratio)
         assert torch.equal(st.entries, ref.entries)
 
 

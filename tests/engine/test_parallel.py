@@ -1,6 +1,5 @@
 """Expert-parallel MoE, head-parallel attention and vocab-parallel embedding/head over
 torch.distributed with gloo on the CPU: 2 and 4 ranks give the single-process model's tokens."""
-import os
 import tempfile
 
 import pytest

@@ -4,6 +4,7 @@ import torch
 
 from kernels.formats import quantize_activation_fp8, quantize_fp8_block
 from kernels.linear import fp8_plan, linear_fp8, linear_fp8_ref, quantize_rows_fp8
+from tests.gpu import capture
 
 pytestmark = pytest.mark.gpu
 
@@ -83,11 +84,7 @@ def test_fp8_graph_replay_recomputes():
     g = torch.Generator(device="cuda").manual_seed(0)
     w = random_weight(1024, 4096, g)
     x = random_tokens(8, 4096, g)
-    linear_fp8(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = linear_fp8(x, w)
+    graph, out = capture(lambda: linear_fp8(x, w))
     for _ in range(2):
         x.copy_(random_tokens(8, 4096, g))
         graph.replay()

@@ -4,6 +4,7 @@ import torch
 
 from kernels.formats import mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.linear import linear_w4a16, linear_w4a16_ref
+from tests.gpu import capture
 
 pytestmark = pytest.mark.gpu
 
@@ -34,11 +35,7 @@ def test_dense_graph_replay_recomputes():
     g = torch.Generator(device="cuda").manual_seed(0)
     w = mxfp4_to_nvfp4(quantize_mxfp4(torch.randn(2048, 4096, device="cuda", generator=g) / 64))
     x = torch.randn(8, 4096, device="cuda", generator=g).bfloat16()
-    linear_w4a16(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = linear_w4a16(x, w)
+    graph, out = capture(lambda: linear_w4a16(x, w))
     for _ in range(2):
         x.copy_(torch.randn(8, 4096, device="cuda", generator=g).bfloat16())
         graph.replay()

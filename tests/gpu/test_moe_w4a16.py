@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels.moe import StackedExperts, compile_kernels, moe_w4a16, moe_w4a16_ref
+from tests.gpu import capture
 
 pytestmark = pytest.mark.gpu
 
@@ -79,11 +80,7 @@ def test_graph_replay_recomputes_on_new_inputs_and_routings(fmt):
     t = 8
     x = torch.randn(t, hidden, device="cuda").bfloat16()
     w, ids = routing(t, n_exp, k, seed=3)
-    moe_w4a16(x, w, ids, stacked, 10.0)  # warm-up outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_w4a16(x, w, ids, stacked, 10.0)
+    graph, out = capture(lambda: moe_w4a16(x, w, ids, stacked, 10.0))
     for seed in (11, 12):
         x.copy_(torch.randn(t, hidden, device="cuda").bfloat16())
         new_w, new_ids = routing(t, n_exp, k, seed=seed)

@@ -1,10 +1,6 @@
 """Blackwell (sm_100a) path on the CPU: every kernel compiles for sm_100a, the W4A4 twin is accurate
 enough, and the pieces it stands on (NVFP4 activations, the 128x4 scale layout, the padded expert
 tiles, the backend choice) are right. No Blackwell GPU is available: the kernels never ran."""
-import os
-import subprocess
-import sys
-
 import torch
 
 from kernels.dispatch import backend_for
@@ -12,13 +8,11 @@ from kernels.formats import (dequantize_nvfp4, quantize_activation_nvfp4, quanti
                              unswizzle_scales_128x4)
 from kernels.moe import moe_w4a16_ref, route_topk, stack_experts
 from kernels.moe.w4a4 import calibrate_input_scales, moe_w4a4_ref, padded_tiles
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.kernel_runners import compile_for
 
 
 def test_every_sm100a_variant_compiles():
-    code = ("import os; os.environ['CUTE_DSL_ARCH'] = 'sm_100a'\n"
-            "from kernels.w4a4 import compile_kernels\n"
+    code = ("from kernels.w4a4 import compile_kernels\n"
             "from kernels.moe import _compiled, _compiled_dispatch\n"
             "n = compile_kernels('sm_100a')\n"
             "for gated in (True, False):\n"
@@ -26,9 +20,7 @@ def test_every_sm100a_variant_compiles():
             "    n += 1\n"
             "_compiled_dispatch(256, 'sm_100a')\n"
             "print(f'compiled {n + 1} sm_100a variants')\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
-                         env={**os.environ, "CUTE_DSL_ARCH": "sm_100a"})
-    assert run.returncode == 0 and "compiled 11 sm_100a variants" in run.stdout, run.stderr[-3000:]
+    assert "compiled 11 sm_100a variants" in compile_for("sm_100a", code)
 
 
 def test_w4a4_twin_accuracy_on_a_reduced_flash_shaped_layer():

@@ -1,15 +1,10 @@
 """Dense runners on the CPU: the FP8 twin (hand-computed and grouped), the planner, sm_90a compiles."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from kernels.formats import E4M3_MAX, quantize_activation_fp8, quantize_fp8_block
 from kernels.linear import STAGES, fp8_plan, linear_fp8, linear_fp8_ref
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.kernel_runners import compile_for
 
 
 def test_activation_quantization_hand_computed():
@@ -63,8 +58,7 @@ def test_every_fp8_variant_compiles_for_sm90a():
     """Every (token tile, stages, splits, consumers) the planner picks for a V4 projection at up to 256
     tokens, with E8M0 and fp32 weight scales and bf16 / fp32 outputs, the activation quantizer for
     bf16 and fp32 inputs, and the mHC kernel."""
-    code = ("import os; os.environ['CUTE_DSL_ARCH'] = 'sm_90a'\n"
-            "from kernels.linear import _compiled_fp8_gemm, _compiled_quant, fp8_plan\n"
+    code = ("from kernels.linear import _compiled_fp8_gemm, _compiled_quant, fp8_plan\n"
             "from tests.gpu.test_linear_fp8 import SHAPES\n"
             "plans = {fp8_plan(t, r // g, k, g) for r, k, g in SHAPES.values() for t in range(1, 257)}\n"
             "import torch\n"
@@ -77,7 +71,6 @@ def test_every_fp8_variant_compiles_for_sm90a():
             "        _compiled_fp8_gemm(*plan, e8m0, 'sm_90a')\n"
             "    _compiled_fp8_gemm(*plan, True, 'sm_90a', torch.float32)  # fp32 out (the runner model)\n"
             "print(f'compiled {3 * len(plans)} variants')\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, cwd=REPO,
-                         env={**os.environ, "CUTE_DSL_ARCH": "sm_90a"})
-    assert run.returncode == 0 and "variants" in run.stdout, run.stderr[-3000:]
-    print(run.stdout)
+    out = compile_for("sm_90a", code)
+    assert "variants" in out
+    print(out)

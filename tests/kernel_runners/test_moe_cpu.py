@@ -1,13 +1,10 @@
 """MoE pieces that run on the CPU: routing, dispatch, expert stacking, the twin, sm_90a compiles."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from kernels.formats import mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.moe import dispatch, moe_w4a16_ref, route_hash, route_topk, stack_experts, unstack
+from tests.kernel_runners import compile_for
 
 
 def test_dispatch_groups_slots_by_expert():
@@ -88,27 +85,19 @@ def test_twin_matches_a_per_token_loop(fmt):
 
 
 def test_every_kernel_variant_compiles_for_sm90a():
-    code = ("import os; os.environ['CUTE_DSL_ARCH'] = 'sm_90a'\n"
-            "from kernels.moe import _compiled\n"
-            "for gated in (True, False):\n"
-            "    for group in (16, 32):\n"
-            "        _compiled(gated, 6, group, 10.0, 'sm_90a')\n"
-            "print('compiled 4 variants')\n")
-    env = {**os.environ, "CUTE_DSL_ARCH": "sm_90a"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert run.returncode == 0 and "compiled 4 variants" in run.stdout, run.stderr[-3000:]
+    out = compile_for("sm_90a", "from kernels.moe import _compiled\n"
+                                "for gated in (True, False):\n"
+                                "    for group in (16, 32):\n"
+                                "        _compiled(gated, 6, group, 10.0, 'sm_90a')\n"
+                                "print('compiled 4 variants')\n", timeout=600)
+    assert "compiled 4 variants" in out
 
 
 def test_dispatch_kernel_compiles_for_sm90a():
-    code = ("import os; os.environ['CUTE_DSL_ARCH'] = 'sm_90a'\n"
-            "from kernels.moe import _compiled_dispatch\n"
-            "_compiled_dispatch(256, 'sm_90a'); _compiled_dispatch(384, 'sm_90a')\n"
-            "print('compiled dispatch')\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "CUTE_DSL_ARCH": "sm_90a"}, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert run.returncode == 0 and "compiled dispatch" in run.stdout, run.stderr[-3000:]
+    out = compile_for("sm_90a", "from kernels.moe import _compiled_dispatch\n"
+                                "_compiled_dispatch(256, 'sm_90a'); _compiled_dispatch(384, 'sm_90a')\n"
+                                "print('compiled dispatch')\n", timeout=600)
+    assert "compiled dispatch" in out
 
 
 def test_dense_w4a16_twin_is_the_dequantized_matmul():
