@@ -17,7 +17,7 @@ from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
 from backend.gpu_model import DeepseekV4Gpu, split_experts
 from backend.synthetic import generate
-from bench.timing import stream_read
+from bench.timing import require_gpu, stream_read
 
 
 def nbytes(w) -> int:
@@ -27,6 +27,7 @@ def nbytes(w) -> int:
 
 
 def main():
+    require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", default="1,8,32,128")

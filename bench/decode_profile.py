@@ -12,9 +12,11 @@ from torch.profiler import ProfilerActivity, profile
 from backend.checkpoint import load_checkpoint
 from backend.gpu_model import DeepseekV4Gpu
 from backend.synthetic import generate
+from bench.timing import require_gpu
 
 
 def main():
+    require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from bench.timing import cold_graph_time, stream_read
+from bench.timing import cold_graph_time, require_gpu, stream_read
 from kernels.linear import fp8_plan, linear_fp8, quantize_rows_fp8
 from tests.gpu.test_linear_fp8 import SHAPES, random_tokens, random_weight
 
@@ -19,6 +19,7 @@ L2_DEFEAT_BYTES = 256 << 20
 
 
 def main():
+    require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="1,8,32,128,1024")
     p.add_argument("--shapes", default=",".join(SHAPES))

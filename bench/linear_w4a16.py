@@ -7,13 +7,14 @@ import argparse
 
 import torch
 
-from bench.timing import graph_time
+from bench.timing import graph_time, require_gpu
 from kernels.formats import mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.linear import linear_w4a16
 from tests.gpu.test_linear_w4a16 import SHAPES
 
 
 def main():
+    require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="1,8,32,128,1024")
     p.add_argument("--shapes", default=",".join(SHAPES))

@@ -2,13 +2,14 @@
 import torch
 
 from bench.moe_w4a16 import SHAPES
-from bench.timing import graph_time
+from bench.timing import graph_time, require_gpu
 from kernels.cute_compile import target_arch
 from kernels.moe import _compiled, _vecs, pair_order, compile_kernels, dispatch, dispatch_fused, moe_w4a16
 from tests.gpu.test_moe_w4a16 import random_stacked
 
 
 def main():
+    require_gpu()
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, "nvfp4")
     compile_kernels("nvfp4", k, 10.0, num_experts=n_exp)

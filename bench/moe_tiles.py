@@ -5,7 +5,7 @@ import itertools
 import torch
 
 from bench.moe_w4a16 import SHAPES
-from bench.timing import graph_time
+from bench.timing import graph_time, require_gpu
 from kernels.cute_compile import target_arch
 from kernels.moe import _compiled, _vecs, compile_kernels, dispatch_fused, pair_order
 from tests.gpu.test_moe_w4a16 import random_stacked
@@ -16,6 +16,7 @@ WARPS, ROWS_L1, ROWS_L2, TILES = (2, 4, 8), (1, 2, 4), (2, 4, 8), (1, 2, 4)
 
 
 def main(warps=WARPS, rows_l1=ROWS_L1, rows_l2=ROWS_L2, tiles=TILES):
+    require_gpu()
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, "nvfp4")
     compile_kernels("nvfp4", k, 10.0, num_experts=n_exp)

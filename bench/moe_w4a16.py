@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from bench.timing import graph_time
+from bench.timing import graph_time, require_gpu
 from kernels.moe import compile_kernels, moe_w4a16
 
 SHAPES = {"flash": (4096, 2048, 256, 6), "pro": (7168, 3072, 384, 6)}
@@ -77,6 +77,7 @@ def run(shape: str, tokens: list[int], fmt: str, iters: int) -> None:
 
 
 def main() -> None:
+    require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="flash,pro")
     p.add_argument("--tokens", default="1,8,32,128,512,2048")

@@ -13,11 +13,13 @@ from backend.checkpoint import load_checkpoint
 from backend.gpu_model import DeepseekV4Gpu
 from backend.model import DeepseekV4
 from backend.synthetic import generate, tiny_args
+from bench.timing import require_gpu
 
 LENGTHS = (5, 9, 13, 20)
 
 
 def main():
+    require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flavor", default="nvidia-nvfp4")
     p.add_argument("--steps", type=int, default=8)

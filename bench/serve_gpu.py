@@ -25,6 +25,7 @@ from backend.launcher import DEFAULT_REPOSITORY, TritonServer, perf_analyzer
 from backend.synthetic import generate
 from deepseek_v4_client import write_input_data
 from deepseek_v4_client import SamplingParams as ClientParams
+from bench.timing import require_gpu
 
 PROMPTS = ["Hello, how are you?", "Write a short poem about the sea.", "Explain mixture of experts.",
            "List three prime numbers.", "What is the capital of France?"]
@@ -77,6 +78,7 @@ def repository(path, max_num_seqs) -> Path:
 
 
 def main():
+    require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--concurrency", default="1,8,32")

@@ -1,22 +1,36 @@
-"""CUDA-graph timing shared by the benchmarks, and the bandwidth floor's streaming-read kernel."""
+"""CUDA-graph timing shared by the benchmarks, the bandwidth floor's streaming-read kernel, and the
+guard that lets a GPU benchmark skip cleanly on a machine without a GPU."""
+import functools
+
 import torch
-import triton
-import triton.language as tl
 
 
-@triton.jit
-def _read_kernel(src, out, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0), axis=0))
+def require_gpu() -> None:
+    """A GPU benchmark on a machine without a CUDA device: say so and exit 0, as the GPU tests skip."""
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU: skipped")
+        raise SystemExit(0)
+
+
+@functools.cache
+def _read_kernel():
+    import triton  # only GPU hosts need it
+    import triton.language as tl
+
+    @triton.jit
+    def read(src, out, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0), axis=0))
+    return read
 
 
 def stream_read(words: torch.Tensor, out: torch.Tensor | None = None, block: int = 4096) -> torch.Tensor:
     """Read every int32 of `words` once (16 KB per program, one small store each): the floor for a
     kernel that must read these bytes, launch and ramp-up included."""
     n = words.numel()
-    grid = triton.cdiv(n, block)
+    grid = -(-n // block)
     out = torch.empty(grid, dtype=torch.int32, device=words.device) if out is None else out
-    _read_kernel[(grid,)](words, out, n, BLOCK=block)
+    _read_kernel()[(grid,)](words, out, n, BLOCK=block)
     return out
 
 
