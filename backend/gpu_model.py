@@ -38,7 +38,7 @@ def split_experts(weights: dict) -> tuple[dict, dict]:
             per_layer.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = w
         else:
             rest[name] = w
-    stacks = {prefix: stack_experts([(e[i]["w1"], e[i]["w2"], e[i]["w3"]) for i in sorted(e)])
+    stacks = {prefix: stack_experts([(e[i]["w1"], e[i]["w2"], e[i]["w3"]) for i in sorted(e)], f"{prefix}experts")
               for prefix, e in per_layer.items()}
     return rest, stacks
 

@@ -1,7 +1,7 @@
 """Dense W4A16 benchmark (GPU): our runner vs torch BF16 matmul on the dequantized weight vs the
 weight-bytes floor (one streaming read of the NVFP4 weight and scales), CUDA-graph timed, one run.
 
-    python bench/linear_w4a16.py [--tokens 1,8,32,128,1024]
+    python -m bench.linear_w4a16 [--tokens 1,8,32,128,1024]
 """
 import argparse
 

@@ -1,5 +1,9 @@
-"""Sweep the MoE kernels' tiling (warps per CTA, rows per warp, token tile) on a GPU: L1 and L2
-times at T = 1, 8, 32, 128 (V4-Flash shape, NVFP4), CUDA-graph timed, one table per kernel."""
+"""Sweep the MoE kernels' tiling on a GPU: L1 and L2 times at T = 1, 8, 32, 128 (V4-Flash shape,
+NVFP4), CUDA-graph timed, one table per kernel. Knobs (kernels.moe._compiled): token tiles of 8
+per pass over the weights, 128-wide K blocks loaded per round, warps splitting rows and K per CTA.
+
+    python -m bench.moe_tiles [--quick]
+"""
 import itertools
 
 import torch
@@ -11,11 +15,10 @@ from kernels.moe import _compiled, _vecs, compile_kernels, dispatch_fused, pair_
 from tests.gpu.test_moe_w4a16 import random_stacked
 
 TOKENS = (1, 8, 32, 128)
-# The grid swept (first run, H100: token tile 2 beat 4 everywhere; see bench/NOTES.md).
-WARPS, ROWS_L1, ROWS_L2, TILES = (2, 4, 8), (1, 2, 4), (2, 4, 8), (1, 2, 4)
+N_TILES, K_UNROLLS, WARPS_M, WARPS_K = (1, 2), (1, 2), (2, 4), (1, 2, 4)  # the mma kernel's; gemv has one
 
 
-def main(warps=WARPS, rows_l1=ROWS_L1, rows_l2=ROWS_L2, tiles=TILES):
+def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K):
     require_gpu()
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, "nvfp4")
@@ -30,9 +33,14 @@ def main(warps=WARPS, rows_l1=ROWS_L1, rows_l2=ROWS_L2, tiles=TILES):
                     torch.randn(t * k, inter, device="cuda").half(), torch.empty(t * k, hidden, device="cuda"),
                     torch.empty(t * k, inter, dtype=torch.float16, device="cuda"))
     for gated in (True, False):
-        print(f"\n{'L1' if gated else 'L2'} | warps | rows | token tile | " + " | ".join(f"T={t} ms" for t in TOKENS))
-        for n_warps, rows, tile in itertools.product(warps, rows_l1 if gated else rows_l2, tiles):
-            fn = _compiled(gated, k, 16, 10.0, arch, (n_warps, rows, tile))
+        print(f"\n| {'L1' if gated else 'L2'}: token tiles | K blocks per round | warps (rows x K) | "
+              + " | ".join(f"T={t} ms" for t in TOKENS) + " |")
+        print("|---" * (3 + len(TOKENS)) + "|")
+        variants = [("gemv", None, None, None, None)]
+        variants += [("mma", *v) for v in itertools.product(n_tiles, k_unrolls, warps_m, warps_k)]
+        for kind, tiles, unroll, wm, wk in variants:
+            fn = (_compiled(gated, 16, arch, "gemv", top_k=k, swiglu_limit=10.0) if kind == "gemv" else
+                  _compiled(gated, 16, arch, "mma", tiles, unroll, wk, top_k=k, swiglu_limit=10.0, warps_m=wm))
             times = []
             for t in TOKENS:
                 xp, rw, d, h, y, h_out = cases[t]
@@ -42,12 +50,13 @@ def main(warps=WARPS, rows_l1=ROWS_L1, rows_l2=ROWS_L2, tiles=TILES):
                 else:
                     run = lambda: fn(_vecs(h), _vecs(st.w2), st.s2, st.g2.view(-1, 1), rw, *common, y)
                 times.append(graph_time(run, 10))
-            print(f"| {n_warps} | {rows} | {tile} | " + " | ".join(f"{v:.3f}" for v in times), flush=True)
+            knobs = f"| {kind} {tiles or ''} | {unroll or ''} | {f'{wm} x {wk}' if wm else ''} | "
+            print(knobs + " | ".join(f"{v:.3f}" for v in times) + " |", flush=True)
 
 
 if __name__ == "__main__":
     import sys
     if "--quick" in sys.argv:  # around the current defaults
-        main(warps=(4, 8), rows_l1=(2, 4), rows_l2=(4, 8), tiles=(1,))
+        main(n_tiles=(1,), k_unrolls=(1, 2), warps_m=(4,), warps_k=(1, 4))
     else:
         main()

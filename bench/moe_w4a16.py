@@ -1,6 +1,6 @@
 """MoE W4A16 benchmark (GPU): our runner vs torch BF16 grouped GEMM vs the memory-bandwidth floor.
 
-    python bench/moe_w4a16.py [--shapes flash,pro] [--tokens 1,8,32,128,512,2048] [--fmt nvfp4]
+    python -m bench.moe_w4a16 [--shapes flash,pro] [--tokens 1,8,32,128,512,2048] [--fmt nvfp4]
 
 Everything is timed in one run on one GPU, each as CUDA-graph replays (median of --iters):
 - ours:  kernels.moe.moe_w4a16 (routing dispatch + L1 + L2 + combine)

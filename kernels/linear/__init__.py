@@ -56,18 +56,20 @@ def linear_w4a16_ref(x: torch.Tensor, weight) -> torch.Tensor:
 def linear_w4a16(x: torch.Tensor, weight) -> torch.Tensor:
     """Dense W4A16 on the GPU: x bf16 or fp32 [T, K], weight NVFP4/MXFP4 [N, K] -> fp32 [T, N].
     Graph safe (static shapes, no host syncs); compile first outside any capture (one eager call)."""
-    from ..moe import _compiled, _vecs, pair_order  # CuTe DSL is needed only here
+    from ..moe import _compiled, _vecs, gemm_config, pair_order  # CuTe DSL is needed only here
     from ..moe.experts import w4_parts
     from ..moe.routing import Dispatch
     packed, scales, gscale = w4_parts(weight)
     group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
-    t, dev = x.shape[0], x.device
+    (n, k), t, dev = weight.shape, x.shape[0], x.device
+    if k % 128 or n % 64:
+        raise ValueError(f"linear_w4a16: weight [{n}, {k}] needs K % 128 == 0 and N % 64 == 0")
     # One "expert" holding every token: slots 0..T-1 (built with fill kernels, no host copies).
     one = Dispatch(torch.arange(t, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev),
                    torch.zeros(2, dtype=torch.int32, device=dev), torch.ones(1, dtype=torch.int32, device=dev))
     one.active_start[1:].fill_(t)
-    out = torch.empty(t, weight.shape[0], dtype=torch.float32, device=dev)
-    kernel = _compiled(False, 1, group, 0.0, target_arch(dev))
+    out = torch.empty(t, n, dtype=torch.float32, device=dev)
+    kernel = _compiled(False, group, target_arch(dev), **gemm_config(t, 1, n, k))
     kernel(_vecs(pair_order(x)), _vecs(packed.unsqueeze(0)), scales.unsqueeze(0), gscale.reshape(1, 1),
            one.sorted_slots.float(), one.sorted_slots, one.active_experts, one.active_start, one.num_active, out)
     return out

@@ -7,7 +7,10 @@ Both return fp32 [T, D]. The runner groups slots by expert on the device in one 
 (`dispatch_fused`, the same result as the twin's `routing.dispatch` up to the order of slots within
 an expert, which no output depends on). It runs the L1 kernel (w1||w3, clamped SwiGLU, routing
 weight) into an FP16 intermediate per (token, k) slot, then the L2 kernel (w2), and sums each
-token's k slots in order. No host syncs and static launch shapes, so it captures into CUDA graphs.
+token's k slots in order. Two kernels compute L1/L2, chosen by the expected tokens per expert
+(`gemm_config`): a SIMT grouped GEMV (`w4a16_sm90`) up to 1.25, the tensor-core grouped GEMM
+(`w4a16_mma_sm90`, mma.sync on exactly scaled f16 weights) above. No host syncs and static
+launch shapes, so it captures into CUDA graphs.
 Kernels compile once per static configuration (format, top-k, limit, experts) for any token
 count, and are cached in memory and on disk (CUTE_DSL_CACHE_DIR). Call `compile_kernels` (or run
 once eagerly) before capturing a graph: compiling cannot happen inside a capture.
@@ -15,6 +18,7 @@ once eagerly) before capturing a graph: compiling cannot happen inside a capture
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -27,21 +31,56 @@ __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "uns
 
 
 @functools.cache
-def _compiled(gated: bool, top_k: int, group: int, swiglu_limit: float, arch: str, tiles: tuple | None = None):
-    """One compiled grouped GEMV per static configuration; every size is a runtime value.
-    tiles: (warps, rows per warp, token tile); default: the module's tuned values."""
+def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: int = 1, k_unroll: int = 2,
+              warps_k: int = 1, top_k: int = 1, swiglu_limit: float = 0.0, warps_m: int = 4):
+    """One compiled grouped GEMM per static configuration; every size is a runtime value.
+    kind "gemv": the SIMT kernel (kernels.moe.w4a16_sm90), for about one token per expert.
+    kind "mma": the tensor-core kernel (kernels.moe.w4a16_mma_sm90); its knobs: token tiles of 8
+    per pass over the weights, 128-wide K blocks per load round, warps splitting K and warps
+    splitting rows per CTA. top_k and swiglu_limit matter to L1 (gated) only."""
     import cutlass
 
-    from . import w4a16_sm90 as kernel
+    from . import w4a16_mma_sm90, w4a16_sm90
 
-    if tiles is None:
-        tiles = (kernel.WARPS, kernel.ROWS_L1 if gated else kernel.ROWS_L2, kernel.TOKEN_TILE)
-
+    if not gated:
+        top_k, swiglu_limit = 1, 0.0  # unused: one compiled L2 serves every MoE and dense layer
     args = (fake(cutlass.Int32, None, None, 4), fake(cutlass.Int32, None, None, None, 4), fake(cutlass.Uint8, None, None, None),
             fake(cutlass.Float32, None, 2 if gated else 1), fake(cutlass.Float32, None), fake(cutlass.Int32, None),
             fake(cutlass.Int32, None), fake(cutlass.Int32, None), fake(cutlass.Int32, 1),
             fake(cutlass.Float16 if gated else cutlass.Float32, None, None))
-    return compile_tvm_ffi(kernel.grouped_gemv, args, (top_k, group, gated, swiglu_limit, *tiles))
+    common = (top_k, group, gated, float(swiglu_limit))
+    if kind == "gemv":
+        simt = w4a16_sm90
+        tiles = (simt.WARPS, simt.ROWS_L1 if gated else simt.ROWS_L2, simt.TOKEN_TILE)
+        return compile_tvm_ffi(simt.grouped_gemv, args, (*common, *tiles))
+    return compile_tvm_ffi(w4a16_mma_sm90.grouped_mma, args, (*common, warps_m, warps_k, n_tiles, k_unroll))
+
+
+GEMV_MAX_TOKENS = 1.25  # per expert: up to here the SIMT kernel is faster (H200 sweep, bench/NOTES.md)
+N_TILE_CHOICES = (1, 2, 4)
+K_UNROLL_CHOICES = (1, 2)
+WARPS_K_CHOICES = (1, 4)
+FEW_ROW_TILES = 132 * 4  # fewer (expert, 16-row) tiles than this leave an H100/H200's memory idle
+
+
+def expected_active_experts(tokens: int, top_k: int, num_experts: int) -> float:
+    """Distinct experts a batch picks under uniform routing: E (1 - (1 - k/E)^T). The kernel
+    variant is chosen from it on the host (the real count lives on the device)."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int) -> dict:
+    """The compiled variant for one launch: `groups` (expert) GEMMs of [rows, k] weights, each
+    with about `tokens_per_group` tokens (static per CUDA graph: it follows from the batch size)."""
+    if tokens_per_group <= GEMV_MAX_TOKENS:
+        return dict(kind="gemv")
+    return dict(kind="mma",
+                # enough token tiles of 8 for the expected tokens (more passes re-read the weights;
+                # more tiles spend registers and MMAs on absent tokens)
+                n_tiles=next((n for n in N_TILE_CHOICES if 8 * n >= tokens_per_group), N_TILE_CHOICES[-1]),
+                k_unroll=2 if k % 256 == 0 else 1,
+                # split K between warps only when the launch has too few row tiles to fill the GPU
+                warps_k=WARPS_K_CHOICES[-1] if groups * rows / 16 < FEW_ROW_TILES else 1)
 
 
 @functools.cache
@@ -67,11 +106,14 @@ def dispatch_fused(experts: torch.Tensor, num_experts: int) -> Dispatch:
 
 
 def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_experts: int | None = None) -> None:
-    """Warm-up: compile (or load from the disk cache) both kernels before any CUDA-graph capture."""
+    """Warm-up: compile (or load from the disk cache) every kernel variant a call may pick, before
+    any CUDA-graph capture."""
     group = 16 if fmt == "nvfp4" else 32
     arch = target_arch(device or ("cuda" if torch.cuda.is_available() else None))
     for gated in (True, False):
-        _compiled(gated, top_k, group, float(swiglu_limit), arch)
+        _compiled(gated, group, arch, "gemv", top_k=top_k, swiglu_limit=swiglu_limit)
+        for n_tiles, k_unroll, warps_k in itertools.product(N_TILE_CHOICES, K_UNROLL_CHOICES, WARPS_K_CHOICES):
+            _compiled(gated, group, arch, "mma", n_tiles, k_unroll, warps_k, top_k, swiglu_limit)
     if num_experts is not None:
         _compiled_dispatch(num_experts, arch)
 
@@ -94,21 +136,23 @@ def _vecs(t: torch.Tensor) -> torch.Tensor:
 def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
               swiglu_limit: float) -> torch.Tensor:
     """x: bf16 or fp32 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref).
-    Inner products run in f16x2 per 8 weights (activations converted to f16, which holds BF16
-    activations exactly within +-65504), accumulated in fp32 with the block scale per word."""
+    Activations are converted to f16 (which holds BF16 activations exactly within +-65504); the
+    tensor cores multiply them with the exactly scaled f16 weights and accumulate in fp32."""
     t, k = experts.shape
     if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
         raise ValueError(f"moe_w4a16: x must be a contiguous bfloat16 or float32 tensor [T, D], got {x.dtype}")
-    if stacked.hidden % 32 or stacked.inter % 32:
-        raise ValueError("moe_w4a16: hidden and intermediate sizes must be multiples of 32")  # also of ROWS (4)
+    if stacked.hidden % 128 or stacked.inter % 128:
+        raise ValueError("moe_w4a16: hidden and intermediate sizes must be multiples of 128")
     arch = target_arch(x.device)
     d = dispatch_fused(experts, stacked.num_experts)
     route_w = weights.reshape(-1).float().contiguous()
     h = torch.empty(t * k, stacked.inter, dtype=torch.float16, device=x.device)
     y = torch.empty(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
     common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
-    l1 = _compiled(True, k, stacked.group, float(swiglu_limit), arch)
+    active = expected_active_experts(t, k, stacked.num_experts)
+    l1 = _compiled(True, stacked.group, arch, **gemm_config(t * k / active, active, stacked.inter, stacked.hidden),
+                   top_k=k, swiglu_limit=swiglu_limit)
     l1(_vecs(pair_order(x)), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
-    l2 = _compiled(False, k, stacked.group, float(swiglu_limit), arch)
+    l2 = _compiled(False, stacked.group, arch, **gemm_config(t * k / active, active, stacked.hidden, stacked.inter))
     l2(_vecs(h), _vecs(stacked.w2), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
     return y.view(t, k, -1).sum(1)

@@ -59,8 +59,21 @@ def w4_parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     raise TypeError(f"routed experts must be NVFP4 or MXFP4, got {type(w).__name__}")
 
 
-def stack_experts(experts: list[tuple]) -> StackedExperts:
-    """experts: [(w1, w2, w3)] per expert, all NVFP4 or all MXFP4 containers."""
+MXFP4_MAX_SCALE_BYTE = 128  # E8M0 2^1: the tensor-core runner folds scales into f16 weights exactly up to here
+
+
+def check_mxfp4_scales(name: str, scale_bytes: torch.Tensor) -> None:
+    """The Hopper W4A16 tensor-core runner multiplies E2M1 x E8M0 in f16, exact for scales up to
+    2^1 (|weight| <= 12); real MXFP4 expert weights sit far below. Larger ones fail here, once at load."""
+    top = int(scale_bytes.max())
+    if top > MXFP4_MAX_SCALE_BYTE:
+        raise ValueError(f"{name}: MXFP4 block scale 2^{top - 127} is above 2^1, outside the W4A16 runner's "
+                         f"exact range")
+
+
+def stack_experts(experts: list[tuple], name: str = "experts") -> StackedExperts:
+    """experts: [(w1, w2, w3)] per expert, all NVFP4 or all MXFP4 containers; `name` prefixes
+    tensor names in errors (e.g. "layers.3.ffn.experts")."""
     kinds = {type(w) for trio in experts for w in trio}
     if len(kinds) != 1:
         raise ValueError(f"all routed experts must share one format, got {sorted(k.__name__ for k in kinds)}")
@@ -77,8 +90,13 @@ def stack_experts(experts: list[tuple]) -> StackedExperts:
         g2.append(gc)
         a13.append(torch.maximum(input_scale(w1), input_scale(w3)))
         a2.append(input_scale(w2_))
-    return StackedExperts(fmt, torch.stack(w13), torch.stack(s13), torch.stack(g13), torch.stack(w2),
-                          torch.stack(s2), torch.stack(g2), torch.stack(a13), torch.stack(a2))
+    stacked = StackedExperts(fmt, torch.stack(w13), torch.stack(s13), torch.stack(g13), torch.stack(w2),
+                             torch.stack(s2), torch.stack(g2), torch.stack(a13), torch.stack(a2))
+    if fmt == "mxfp4":
+        for e, trio in enumerate(experts):
+            for w, q in zip(("w1", "w2", "w3"), trio):
+                check_mxfp4_scales(f"{name}.{e}.{w}.scale", q.scale.view(torch.uint8))
+    return stacked
 
 
 def unstack(stacked: StackedExperts, e: int):

@@ -13,14 +13,12 @@ from tests.kernel_runners import compile_for
 
 def test_every_sm100a_variant_compiles():
     code = ("from kernels.w4a4 import compile_kernels\n"
-            "from kernels.moe import _compiled, _compiled_dispatch\n"
+            "from kernels import moe\n"
             "n = compile_kernels('sm_100a')\n"
-            "for gated in (True, False):\n"
-            "    _compiled(gated, 6, 32, 10.0, 'sm_100a')  # MXFP4 experts stay W4A16 on Blackwell\n"
-            "    n += 1\n"
-            "_compiled_dispatch(256, 'sm_100a')\n"
-            "print(f'compiled {n + 1} sm_100a variants')\n")
-    assert "compiled 11 sm_100a variants" in compile_for("sm_100a", code)
+            "moe.compile_kernels('mxfp4', 6, 10.0, num_experts=256)  # MXFP4 experts stay W4A16 on Blackwell\n"
+            "n += moe._compiled.cache_info().currsize + moe._compiled_dispatch.cache_info().currsize\n"
+            "print(f'compiled {n} sm_100a variants')\n")
+    assert "compiled 35 sm_100a variants" in compile_for("sm_100a", code)
 
 
 def test_w4a4_twin_accuracy_on_a_reduced_flash_shaped_layer():

@@ -85,12 +85,12 @@ def test_twin_matches_a_per_token_loop(fmt):
 
 
 def test_every_kernel_variant_compiles_for_sm90a():
-    out = compile_for("sm_90a", "from kernels.moe import _compiled\n"
-                                "for gated in (True, False):\n"
-                                "    for group in (16, 32):\n"
-                                "        _compiled(gated, 6, group, 10.0, 'sm_90a')\n"
-                                "print('compiled 4 variants')\n", timeout=600)
-    assert "compiled 4 variants" in out
+    """Both formats: the SIMT GEMV and every tensor-core variant `gemm_config` can pick, L1 and L2."""
+    out = compile_for("sm_90a", "from kernels.moe import compile_kernels, _compiled\n"
+                                "for fmt in ('nvfp4', 'mxfp4'):\n"
+                                "    compile_kernels(fmt, 6, 10.0)\n"
+                                "print(f'compiled {_compiled.cache_info().currsize} variants')\n", timeout=900)
+    assert "compiled 52 variants" in out
 
 
 def test_dispatch_kernel_compiles_for_sm90a():
@@ -106,3 +106,21 @@ def test_dense_w4a16_twin_is_the_dequantized_matmul():
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9))
     for q in (mxfp4_to_nvfp4(quantize_mxfp4(w)), quantize_mxfp4(w)):
         assert torch.allclose(linear_w4a16_ref(x, q), x @ q.dequantize().T)
+
+
+def test_mxfp4_scales_beyond_the_runners_exact_range_fail_at_stacking():
+    experts = _random_experts(2, 64, 128, "mxfp4")
+    experts[1][1].scale.view(torch.uint8)[3, 1] = 129  # 2^2: weights up to 24
+    with pytest.raises(ValueError, match="layers.1.ffn.experts.1.w2.scale: MXFP4 block scale 2\\^2"):
+        stack_experts(experts, "layers.1.ffn.experts")
+
+
+def test_kernel_variant_follows_the_expected_tokens_per_expert():
+    from kernels.moe import expected_active_experts, gemm_config
+    assert expected_active_experts(1, 6, 256) == pytest.approx(6)
+    assert expected_active_experts(4096, 6, 256) == pytest.approx(256)
+    assert gemm_config(1.0, 6, 2048, 4096) == {"kind": "gemv"}
+    big = gemm_config(3.1, 244, 2048, 4096)
+    assert big == {"kind": "mma", "n_tiles": 1, "k_unroll": 2, "warps_k": 1}
+    assert gemm_config(40, 256, 4096, 2048)["n_tiles"] == 4
+    assert gemm_config(8, 1, 1024, 128) == {"kind": "mma", "n_tiles": 1, "k_unroll": 1, "warps_k": 4}  # few row tiles
