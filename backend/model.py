@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.formats import fp4_qdq, fp8_qdq, hadamard
+from kernels.formats import Fp8BlockWeight, fp4_qdq, fp8_qdq, hadamard
 from kernels.linear import dequantize_weight, linear_ref
 
 from .config import ModelArgs
@@ -384,7 +384,7 @@ class DeepseekV4:
 
     def grouped_linear(self, o: torch.Tensor, name: str) -> torch.Tensor:
         """o: [B, S, G, K] through the block-diagonal weight `name` [G*R, K] -> [B, S, G, R]."""
-        if self.simulate_qat and not isinstance(self.w[name], torch.Tensor):
+        if self.simulate_qat and isinstance(self.w[name], Fp8BlockWeight):  # what the FP8 runner computes
             o = fp8_qdq(o)
         w = dequantize_weight(self.w[name], o.dtype).unflatten(0, (o.shape[2], -1))
         return torch.einsum("bsgd,grd->bsgr", o, w)

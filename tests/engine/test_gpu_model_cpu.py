@@ -44,3 +44,19 @@ def test_runner_model_runs_on_the_cpu_twins(make_checkpoint):
     for step in range(3):
         logits, _ = model.forward(logits.argmax(-1, keepdim=True), torch.tensor([9 + step]), torch.tensor([1]), state)
     assert logits.shape == (1, ck.args.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_reference_wo_a_quantizes_its_input_only_where_the_runner_does(make_checkpoint):
+    """Under simulate_qat the reference FP8-rounds wo_a's input for an FP8 weight (the FP8 runner
+    quantizes activations) and not for an NVFP4 one (the W4A16 runner takes them as they are)."""
+    from backend.model import DeepseekV4
+    from kernels.formats import Fp8BlockWeight, Nvfp4Weight, fp8_qdq
+    for flavor, kind, rounding in (("nvidia-nvfp4", Fp8BlockWeight, fp8_qdq), ("all-nvfp4", Nvfp4Weight, lambda o: o)):
+        ck = load_checkpoint(make_checkpoint(flavor))
+        model = DeepseekV4(ck.args, ck.weights, simulate_qat=True)
+        w = ck.weights["layers.0.attn.wo_a"]
+        assert isinstance(w, kind)
+        g = ck.args.o_groups
+        o = torch.randn(2, 3, g, w.shape[1], generator=torch.Generator().manual_seed(5))
+        expected = torch.einsum("bsgd,grd->bsgr", rounding(o), w.dequantize().unflatten(0, (g, -1)))
+        assert torch.equal(model.grouped_linear(o, "layers.0.attn.wo_a"), expected)
