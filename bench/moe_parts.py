@@ -4,8 +4,7 @@ import torch
 from bench.moe_w4a16 import SHAPES
 from bench.timing import graph_time, require_gpu
 from kernels.cute_compile import target_arch
-from kernels.moe import (_compiled, _vecs, compile_kernels, dispatch, dispatch_fused, expected_active_experts, gemm_config,
-                         moe_w4a16, pair_order)
+from kernels.moe import _vecs, compile_kernels, dispatch, dispatch_fused, moe_kernels, moe_w4a16, pair_order
 from tests.gpu.test_moe_w4a16 import random_stacked
 
 
@@ -27,9 +26,7 @@ def main():
         h = torch.empty(t * k, inter, dtype=torch.float16, device="cuda")
         y = torch.empty(t * k, hidden, dtype=torch.float32, device="cuda")
         common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
-        active = expected_active_experts(t, k, n_exp)  # the runner's own choice of variant
-        l1 = _compiled(True, 16, arch, **gemm_config(t * k / active, active, inter, hidden), top_k=k, swiglu_limit=10.0)
-        l2 = _compiled(False, 16, arch, **gemm_config(t * k / active, active, hidden, inter))
+        l1, l2 = moe_kernels(st, t, k, 10.0, arch)  # the runner's own choice of variant
         parts = {
             "dispatch torch": lambda: dispatch(ids, n_exp),
             "dispatch fused": lambda: dispatch_fused(ids, n_exp),

@@ -83,6 +83,16 @@ def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int) -> dict
                 warps_k=WARPS_K_CHOICES[-1] if groups * rows / 16 < FEW_ROW_TILES else 1)
 
 
+def moe_kernels(stacked: StackedExperts, tokens: int, top_k: int, swiglu_limit: float, arch: str):
+    """The compiled (L1, L2) kernels moe_w4a16 runs for a batch of `tokens` on these experts."""
+    active = expected_active_experts(tokens, top_k, stacked.num_experts)
+    per_expert = tokens * top_k / active
+    l1 = _compiled(True, stacked.group, arch, **gemm_config(per_expert, active, stacked.inter, stacked.hidden),
+                   top_k=top_k, swiglu_limit=swiglu_limit)
+    l2 = _compiled(False, stacked.group, arch, **gemm_config(per_expert, active, stacked.hidden, stacked.inter))
+    return l1, l2
+
+
 @functools.cache
 def _compiled_dispatch(num_experts: int, arch: str):
     import cutlass
@@ -136,8 +146,8 @@ def _vecs(t: torch.Tensor) -> torch.Tensor:
 def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
               swiglu_limit: float) -> torch.Tensor:
     """x: bf16 or fp32 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref).
-    Activations are converted to f16 (which holds BF16 activations exactly within +-65504); the
-    tensor cores multiply them with the exactly scaled f16 weights and accumulate in fp32."""
+    Activations are converted to f16 (which holds BF16 activations exactly within +-65504); both
+    kernels (see `moe_kernels`) take inner products in f16 and accumulate in fp32."""
     t, k = experts.shape
     if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
         raise ValueError(f"moe_w4a16: x must be a contiguous bfloat16 or float32 tensor [T, D], got {x.dtype}")
@@ -149,10 +159,7 @@ def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, sta
     h = torch.empty(t * k, stacked.inter, dtype=torch.float16, device=x.device)
     y = torch.empty(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
     common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
-    active = expected_active_experts(t, k, stacked.num_experts)
-    l1 = _compiled(True, stacked.group, arch, **gemm_config(t * k / active, active, stacked.inter, stacked.hidden),
-                   top_k=k, swiglu_limit=swiglu_limit)
+    l1, l2 = moe_kernels(stacked, t, k, swiglu_limit, arch)
     l1(_vecs(pair_order(x)), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
-    l2 = _compiled(False, stacked.group, arch, **gemm_config(t * k / active, active, stacked.hidden, stacked.inter))
     l2(_vecs(h), _vecs(stacked.w2), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
     return y.view(t, k, -1).sum(1)
