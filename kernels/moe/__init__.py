@@ -59,7 +59,7 @@ def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: in
 GEMV_MAX_TOKENS = 1.25  # per expert: up to here the SIMT kernel is faster (H200 sweep, bench/NOTES.md)
 N_TILE_CHOICES = (1, 2, 4)
 K_UNROLL_CHOICES = (1, 2)
-WARPS_K_CHOICES = (1, 4)
+SPLIT_K_WARPS = 4
 FEW_ROW_TILES = 132 * 4  # fewer (expert, 16-row) tiles than this leave an H100/H200's memory idle
 
 
@@ -74,13 +74,18 @@ def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int) -> dict
     with about `tokens_per_group` tokens (static per CUDA graph: it follows from the batch size)."""
     if tokens_per_group <= GEMV_MAX_TOKENS:
         return dict(kind="gemv")
-    return dict(kind="mma",
-                # enough token tiles of 8 for the expected tokens (more passes re-read the weights;
-                # more tiles spend registers and MMAs on absent tokens)
-                n_tiles=next((n for n in N_TILE_CHOICES if 8 * n >= tokens_per_group), N_TILE_CHOICES[-1]),
-                k_unroll=2 if k % 256 == 0 else 1,
+    # enough token tiles of 8 for the expected tokens (more passes re-read the weights; more
+    # tiles spend registers and MMAs on absent tokens)
+    n_tiles = next((n for n in N_TILE_CHOICES if 8 * n >= tokens_per_group), N_TILE_CHOICES[-1])
+    return dict(kind="mma", n_tiles=n_tiles, k_unroll=2 if k % 256 == 0 else 1,
                 # split K between warps only when the launch has too few row tiles to fill the GPU
-                warps_k=WARPS_K_CHOICES[-1] if groups * rows / 16 < FEW_ROW_TILES else 1)
+                warps_k=SPLIT_K_WARPS if groups * rows / 16 < FEW_ROW_TILES else 1)
+
+
+def mma_variants():
+    """Every tensor-core variant gemm_config can return."""
+    return [dict(n_tiles=n, k_unroll=u, warps_k=w)
+            for n, u, w in itertools.product(N_TILE_CHOICES, K_UNROLL_CHOICES, (1, SPLIT_K_WARPS))]
 
 
 def moe_kernels(stacked: StackedExperts, tokens: int, top_k: int, swiglu_limit: float, arch: str):
@@ -122,8 +127,8 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
     arch = target_arch(device or ("cuda" if torch.cuda.is_available() else None))
     for gated in (True, False):
         _compiled(gated, group, arch, "gemv", top_k=top_k, swiglu_limit=swiglu_limit)
-        for n_tiles, k_unroll, warps_k in itertools.product(N_TILE_CHOICES, K_UNROLL_CHOICES, WARPS_K_CHOICES):
-            _compiled(gated, group, arch, "mma", n_tiles, k_unroll, warps_k, top_k, swiglu_limit)
+        for knobs in mma_variants():
+            _compiled(gated, group, arch, "mma", top_k=top_k, swiglu_limit=swiglu_limit, **knobs)
     if num_experts is not None:
         _compiled_dispatch(num_experts, arch)
 

@@ -36,9 +36,13 @@ E4M3_F16_CORRECTION = 2.0**8   # decoded f16 = scale * 2^-8
 def _e2m1_pair(word: Int32, j: cutlass.Constexpr) -> Int32:
     """Elements j and j+4 (0 <= j < 4) of a word of 8 packed E2M1 (low nibble first) as an f16x2
     (element j low), each times 2^-14: nibbles j and j+4 sit at bits 4j and 16+4j, so one 32-bit
-    pass places both under the f16 exponent/mantissa (subnormals included) with the sign on top."""
-    s = word >> (4 * j) if cutlass.const_expr(j > 0) else word
-    return ((s & 0x00070007) << 9) | ((s & 0x00080008) << 12)
+    pass places both under the f16 exponent/mantissa (subnormals included) with the sign on top.
+    Each field is shifted straight from the word (3-4 integer ops per pair): the magnitude bits
+    4j..4j+2 to 9..11, the sign bit 4j+3 to 15 (j = 3: already there); the masks drop the rest,
+    including what an arithmetic right shift brings in at the top."""
+    magnitude = word << (9 - 4 * j) if cutlass.const_expr(j < 3) else word >> 3
+    sign = word << (12 - 4 * j) if cutlass.const_expr(j < 3) else word
+    return (magnitude & 0x0E000E00) | (sign & -0x7FFF8000)  # -0x7FFF8000 == 0x80008000 as an int32
 
 
 @dsl_user_op
