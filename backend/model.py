@@ -10,6 +10,12 @@ of its weight format (kernels.linear.linear_ref), which dequantizes on the fly.
   and keys; activations quantized per token per 128 to FP8 before every FP8-block GEMM (what the
   FP8 runners do; DeepSeek's converter keeps wo_a in BF16 instead, and its FP4 experts take FP8
   activations where our Hopper W4A16 runner takes BF16 ones).
+`runner_activations` (default False): also round the activations of every NVFP4 / MXFP4 GEMM to
+  f16, the routed experts' intermediate h included, as the Hopper W4A16 runners store them. For
+  checking the runner model against the reference: on the tiny test models the FP8 activation
+  quantization flips on perturbations of 1e-7, so the runners' f16 h alone moved the logits by
+  5-16% against an fp32 h (bench/NOTES.md). Off elsewhere: f16 roundings flip on every fp32
+  difference between prefill and decode, where the self-consistency tests expect rare flips.
 - False: HF transformers' `DeepseekV4ForCausalLM` semantics (no QAT simulation), except that the
   shared expert's SwiGLU is not clamped (DeepSeek does not clamp it; HF does).
 
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.formats import Fp8BlockWeight, fp4_qdq, fp8_qdq, hadamard
+from kernels.formats import Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp4_qdq, fp8_qdq, hadamard
 from kernels.linear import dequantize_weight, linear_ref
 
 from .config import ModelArgs
@@ -217,8 +223,9 @@ class DeepseekV4:
     """Reference DeepSeek-V4 over checkpoint tensors `weights` (native names, see backend.params)."""
 
     def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 dtype: torch.dtype = torch.float32, device="cpu", runner_activations: bool = False):
         self.args, self.simulate_qat, self.dtype, self.device = args, simulate_qat, dtype, torch.device(device)
+        self.runner_activations = runner_activations
         # Plain tensors (norms, mHC, sinks, ape, BF16 linears, embed/head) become fp32 on the
         # device; quantized weights keep their bytes and are dequantized per call.
         self.w = {k: (v.to(self.device) if not isinstance(v, torch.Tensor)
@@ -234,6 +241,8 @@ class DeepseekV4:
     # --- linears -------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """A checkpoint linear `name` (without `.weight`) on x, through its format's twin."""
+        if self.runner_activations and isinstance(self.w[name], (Nvfp4Weight, Mxfp4Weight)):
+            x = x.to(torch.float16).to(x.dtype)  # the W4A16 runners' activation format
         return linear_ref(x, self.w[name], quantize_input=self.simulate_qat)
 
     def plain_linear(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Where the runner model departs from the reference (GPU, diagnostic): per decode step, the
 logits' relative difference of (runner model, reference on CPU), (reference on GPU, reference on
-CPU) and (runner model, reference on GPU), simulate_qat on, tiny checkpoints, teacher-forced.
+CPU) and (runner model, reference on GPU), simulate_qat on, the references with the runners' f16
+activations into W4A16 GEMMs (`runner_activations`), tiny checkpoints, teacher-forced.
 
     python -m bench.parity_probe [--flavor nvidia-nvfp4] [--steps 8]
 """
@@ -27,8 +28,9 @@ def main():
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ck = load_checkpoint(generate(f"{tmp}/c", flavor=a.flavor, args=tiny_args(index_topk=64)))
-        models = {"ref-cpu": DeepseekV4(ck.args, ck.weights, simulate_qat=bool(a.qat)),
-                  "ref-gpu": DeepseekV4(ck.args, ck.weights, simulate_qat=bool(a.qat), device="cuda"),
+        models = {"ref-cpu": DeepseekV4(ck.args, ck.weights, simulate_qat=bool(a.qat), runner_activations=True),
+                  "ref-gpu": DeepseekV4(ck.args, ck.weights, simulate_qat=bool(a.qat), device="cuda",
+                                        runner_activations=True),
                   "runners": DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=bool(a.qat), device="cuda")}
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, ck.args.vocab_size, (1, n), generator=g) for n in LENGTHS]

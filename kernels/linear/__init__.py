@@ -5,7 +5,8 @@ on the fly, one call at a time, and never stores the dequantized weight. The twi
 runners compute:
 - FP8 block-128 weights (FP8 GEMM): when `quantize_input` is set, activations are quantized per
   token per 128 along K to E4M3 with power-of-two scales (DeepSeek's act_quant) before the GEMM.
-- NVFP4 / MXFP4 weights (Hopper W4A16): activations stay in their own precision.
+- NVFP4 / MXFP4 weights (Hopper W4A16): activations stay in their own precision (the runner
+  rounds them to f16; its twin `linear_w4a16_ref` does too).
 - Plain tensors (BF16/fp32): F.linear in the activation's dtype.
 
 GPU runners (CuTe DSL), each with its twin; the checkpoint's bytes are used in place (no copy):
@@ -47,10 +48,11 @@ def linear_ref(x: torch.Tensor, weight, quantize_input: bool = False) -> torch.T
 
 
 def linear_w4a16_ref(x: torch.Tensor, weight) -> torch.Tensor:
-    """The twin of linear_w4a16: x [T, K] @ dequant(W)^T in fp32 -> fp32 [T, N]."""
+    """The twin of linear_w4a16: x rounded to f16 (the kernel's activation format) [T, K] @ dequant(W)^T
+    in fp32 -> fp32 [T, N]."""
     if not isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
         raise TypeError(f"linear_w4a16 takes NVFP4 or MXFP4 weights, got {type(weight).__name__}")
-    return F.linear(x.float(), weight.dequantize())
+    return F.linear(x.half().float(), weight.dequantize())
 
 
 def linear_w4a16(x: torch.Tensor, weight) -> torch.Tensor:

@@ -77,9 +77,10 @@ def test_twin_matches_a_per_token_loop(fmt):
     out = moe_w4a16_ref(x, w, ids, stacked, swiglu_limit=1.0)  # a low limit so the clamps matter
     for i in range(t):
         ref = torch.zeros(hidden)
+        xi = x[i].half().float()  # the runners' activations are f16
         for j in range(k):
             w1, w2, w3 = (q.dequantize() for q in experts[int(ids[i, j])])
-            gate, up = (x[i] @ w1.T).clamp(max=1.0), (x[i] @ w3.T).clamp(-1.0, 1.0)
+            gate, up = (xi @ w1.T).clamp(max=1.0), (xi @ w3.T).clamp(-1.0, 1.0)
             ref += (w[i, j] * torch.nn.functional.silu(gate) * up).half().float() @ w2.T  # h kept in fp16
         assert torch.allclose(out[i], ref, rtol=1e-5, atol=1e-5)
 
@@ -107,7 +108,7 @@ def test_dense_w4a16_twin_is_the_dequantized_matmul():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(8))
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9))
     for q in (mxfp4_to_nvfp4(quantize_mxfp4(w)), quantize_mxfp4(w)):
-        assert torch.allclose(linear_w4a16_ref(x, q), x @ q.dequantize().T)
+        assert torch.allclose(linear_w4a16_ref(x, q), x.half().float() @ q.dequantize().T)  # f16 activations
 
 
 def test_mxfp4_scales_beyond_the_runners_exact_range_fail_at_stacking():
