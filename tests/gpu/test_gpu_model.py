@@ -35,7 +35,8 @@ def test_runner_model_tracks_the_reference(flavor, make_checkpoint):
     1.4e-1; the reference on the GPU vs on the CPU: 2e-7 for 4 steps, then 1.7e-2), and the runners
     differ from their twins by 1e-4 (FP8 wgmma accumulation) to 4e-4 (the MoE). This checks that
     the runner model tracks the reference (cosine >= 0.9 per step) and reports the rest
-    (bench/NOTES.md, bench/parity_probe.py)."""
+    (bench/NOTES.md, bench/parity_probe.py). H200: all-nvfp4 (no FP8 GEMM) median 4.3e-3, 31 of 33
+    steps within 2e-2, 130/132 tokens; the FP8 flavors median 9.7e-2, 110/132 tokens."""
     ck = load_checkpoint(make_checkpoint(flavor, index_topk=64))
     ref = DeepseekV4(ck.args, ck.weights, simulate_qat=True, runner_activations=True)
     gpu = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda")
