@@ -21,7 +21,9 @@ import torch
 
 from kernels import dispatch
 from kernels.mhc import mhc_coefficients
+from kernels.formats import Mxfp4Weight
 from kernels.moe import stack_experts
+from kernels.moe.experts import check_mxfp4_scales
 
 from .config import ModelArgs
 from .model import DeepseekV4, ModelState
@@ -45,7 +47,10 @@ def split_experts(weights: dict) -> tuple[dict, dict]:
 
 class DeepseekV4Gpu(DeepseekV4):
     def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True, device="cuda"):
-        rest, stacks = split_experts(weights)
+        rest, stacks = split_experts(weights)  # routed experts' MXFP4 scales are checked when stacked
+        for name, w in rest.items():
+            if isinstance(w, Mxfp4Weight):  # a dense MXFP4 linear runs on the same W4A16 kernels
+                check_mxfp4_scales(f"{name}.scale", w.scale.view(torch.uint8))
         head = rest.pop("head.weight")
         super().__init__(args, rest, simulate_qat=simulate_qat, dtype=torch.float32, device=device)
         self.stacks = {prefix: s.to(self.device) for prefix, s in stacks.items()}

@@ -95,3 +95,18 @@ def test_runner_model_tracks_the_reference_with_runner_activations(make_checkpoi
     median = lambda r: sorted(r)[len(r) // 2]
     assert median(with_f16) <= 2e-2 and agree >= 42, (with_f16, agree)  # of 44 tokens
     assert median(plain) >= 3 * median(with_f16), (plain, with_f16)
+
+
+def test_dense_mxfp4_scale_beyond_the_runners_exact_range_fails_at_load(make_checkpoint):
+    """A dense MXFP4 linear runs on the W4A16 kernels too: a block scale above 2^1 fails when the
+    runner model is built, naming the tensor (as stacked experts' do)."""
+    import pytest
+
+    from kernels.formats import quantize_mxfp4
+    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
+    weights = dict(ck.weights)
+    rows, cols = weights["layers.0.attn.wq_a"].shape
+    big = torch.randn(rows, cols, generator=torch.Generator().manual_seed(5)) * 1000  # scales up to ~2^8
+    weights["layers.0.attn.wq_a"] = quantize_mxfp4(big)
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.wq_a\.scale: MXFP4 block scale 2\^\d+ is above 2\^1"):
+        DeepseekV4Gpu(ck.args, weights, simulate_qat=True, device="cpu")
