@@ -20,14 +20,8 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-               banned: list[int]) -> torch.Tensor:
-    """One sequence's next token (a 0-dim device tensor). `banned`: ids masked out (min_tokens)."""
-    logits = logits.float()
-    if banned:
-        logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf"))
-    if params.temperature == 0:
-        return logits.argmax()
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One sampled sequence's next token (a 0-dim device tensor); logits [V] fp32, banned ids masked."""
     logits = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     # Exponential race: argmax(p / E), E ~ Exp(1), draws from p (the Gumbel-max trick).
@@ -36,6 +30,18 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list, banned: list[list[int]]) -> list[int]:
-    """logits: [B, V] -> B token ids; one host sync for the whole batch."""
-    tokens = [sample_row(logits[b], params[b], generators[b], banned[b]) for b in range(len(params))]
-    return torch.stack(tokens).tolist()
+    """logits: [B, V] -> B token ids; one host sync for the whole batch. `banned[b]`: ids masked out
+    of row b (min_tokens). Greedy rows take one batched argmax; only sampled rows run one by one
+    (each on its own generator, so a seed gives the same tokens in any batch)."""
+    logits = logits.float()
+    masked = [(b, t) for b, ids in enumerate(banned) for t in ids]
+    if masked:  # one host-to-device copy for the whole batch
+        rows, cols = torch.tensor(masked, device=logits.device).T
+        logits = logits.index_put((rows, cols), torch.tensor(float("-inf"), device=logits.device))
+    tokens = logits.argmax(-1)
+    sampled = [b for b, p in enumerate(params) if p.temperature != 0]
+    if sampled:
+        tokens = tokens.clone()
+        for b in sampled:
+            tokens[b] = sample_row(logits[b], params[b], generators[b])
+    return tokens.tolist()

@@ -67,6 +67,49 @@ def test_streamed_deltas_concatenate_to_the_text_multibyte_included():
     assert stopped and out == "héllo "
 
 
+def test_streamed_deltas_are_the_decode_of_any_ids_and_each_step_decodes_a_short_window():
+    """Random ids (lone UTF-8 lead and continuation bytes, special tokens included): the streamed
+    text is exactly the tokenizer's decode of all of them, and no update decodes more than a few
+    tokens, however long the output (a whole-output decode per step is quadratic)."""
+    tok = build_tokenizer(300)
+    decoded_lengths = []
+
+    class Counting:
+        def decode(self, ids):
+            decoded_lengths.append(len(ids))
+            return tok.decode(ids)
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        ids = [int(i) for i in rng.integers(0, tok.get_vocab_size(), 300)]
+        if trial == 0:
+            ids = tok.encode("naïve café 🙂 " * 60).ids  # a long, valid text
+        detok = IncrementalDetokenizer(Counting(), [])
+        out = "".join(detok.update(ids[:i + 1])[0] for i in range(len(ids))) + detok.flush()
+        assert out == tok.decode(ids), trial
+    assert max(decoded_lengths) <= 32, max(decoded_lengths)  # 11 here; the old whole-output decode: 1080
+
+
+def test_sampler_masks_banned_ids_and_draws_the_same_tokens_in_any_batch():
+    """A mixed batch: greedy rows take the masked argmax, banned ids (each row's best) never come
+    out, and a seeded sampled row draws what it draws alone."""
+    import torch
+
+    from backend.engine.sampler import sample
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    logits[:, 7] = 10.0  # every row's best, banned in rows 0 and 2
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=1.0, top_p=0.9)]
+    banned = [[7, 3], [], [7], []]
+    gens = lambda seed: torch.Generator().manual_seed(seed)
+    batch = sample(logits, params, [None, None, gens(1), gens(2)], banned)
+    assert batch[0] == int(logits[0].index_fill(0, torch.tensor([7, 3]), float("-inf")).argmax())
+    assert batch[1] == 7 and batch[2] != 7
+    for b, seed in ((2, 1), (3, 2)):
+        assert sample(logits[b:b + 1], [params[b]], [gens(seed)], [banned[b]]) == [batch[b]]
+
+
 def _arrays(**kw):
     out = {}
     for k, v in kw.items():
