@@ -14,11 +14,10 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.context = 0  # first token of the decode window
-        self.done = 0     # tokens whose text is in self.text
-        self.text = ""    # the text of output_ids[:done]
+        self.context = 0   # first token of the decode window
+        self.done = 0      # tokens whose text has been taken in
+        self.unsent = ""   # taken-in text not yet emitted (a stop string can only start here)
         self.pending = ""  # the text of the window's incomplete tail, for flush
-        self.sent = 0     # characters already emitted
 
     def update(self, output_ids: list[int]) -> tuple[str, bool]:
         """-> (new text safe to emit, whether a stop string appeared)."""
@@ -27,23 +26,21 @@ class IncrementalDetokenizer:
         if window.endswith("\ufffd"):  # possibly a character cut short: wait for its next bytes
             self.pending = new
             return "", False
-        self.text += new
+        self.unsent += new
         self.pending = ""
         self.context, self.done = self.done, len(output_ids)
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.sent - len(s) + 1))
+        for s in self.stop:  # held back: the last len(s) - 1 characters were never emitted
+            at = self.unsent.find(s)
             if at != -1:
-                self.text = self.text[:at]
+                self.unsent = self.unsent[:at]
                 return self.flush(), True
-        stable = len(self.text.rstrip("\ufffd")) - self.holdback
-        if stable <= self.sent:
+        stable = len(self.unsent.rstrip("\ufffd")) - self.holdback
+        if stable <= 0:
             return "", False
-        delta, self.sent = self.text[self.sent:stable], stable
+        delta, self.unsent = self.unsent[:stable], self.unsent[stable:]
         return delta, False
 
     def flush(self) -> str:
         """Everything not yet emitted (at the end of the sequence)."""
-        self.text += self.pending
-        self.pending = ""
-        delta, self.sent = self.text[self.sent:], len(self.text)
+        delta, self.unsent, self.pending = self.unsent + self.pending, "", ""
         return delta
