@@ -1,16 +1,26 @@
 """What every CuTe DSL runner shares to compile: the disk cache, the target architecture, fake
 tensors describing the arguments, and the TVM-FFI compile (torch tensors in, current stream).
 
-Kernels compile once per static configuration with every size symbolic, into
-$CUTE_DSL_CACHE_DIR (default: $DSV4_CACHE_DIR/cute-dsl or ~/.cache/deepseek-v4-triton/cute-dsl).
-Compile before any CUDA-graph capture: compiling cannot happen inside one.
+Kernels compile once per static configuration with every size symbolic. Each compiled function
+(host launcher and device code) is exported as an object file into $CUTE_DSL_CACHE_DIR (default:
+$DSV4_CACHE_DIR/cute-dsl or ~/.cache/deepseek-v4-triton/cute-dsl), keyed by the sources of
+`kernels/`, the argument specs, the constants, the target and the CuTe DSL version; a later
+process loads it instead of compiling (CuTe DSL's own file cache skips `cute.compile`d functions;
+CUTE_DSL_DISABLE_FILE_CACHING=1 turns ours off too). Compile before any CUDA-graph capture:
+compiling cannot happen inside one.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
 import os
+import time
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("deepseek_v4")
 
 
 def target_arch(device=None) -> str:
@@ -31,13 +41,66 @@ def fake(dtype, *dims, order: tuple | None = None):
     return make_fake_compact_tensor(dtype, shape, stride_order=order, assumed_align=16)
 
 
-def compile_tvm_ffi(entry, args: tuple, constants: tuple = ()):
-    """cute.compile of `entry(*args, stream, *constants)` taking torch tensors (TVM-FFI) and launching on
-    the current torch stream."""
+def cache_dir() -> Path:
     if "CUTE_DSL_CACHE_DIR" not in os.environ:
         root = os.environ.get("DSV4_CACHE_DIR") or Path.home() / ".cache" / "deepseek-v4-triton"
         os.environ["CUTE_DSL_CACHE_DIR"] = str(Path(root) / "cute-dsl")
+    return Path(os.environ["CUTE_DSL_CACHE_DIR"])
+
+
+@functools.cache
+def _sources_digest() -> str:
+    """Every kernel source file: a change anywhere in kernels/ invalidates the disk cache."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _cache_key(entry, args: tuple, constants: tuple) -> str:
+    import cutlass
+    arch = os.environ.get("CUTE_DSL_ARCH") or (target_arch("cuda") if torch.cuda.is_available() else "")
+    parts = (_sources_digest(), entry.__module__, entry.__qualname__, *map(repr, args), repr(constants), arch,
+             cutlass.__version__)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def compile_tvm_ffi(entry, args: tuple, constants: tuple = ()):
+    """cute.compile of `entry(*args, stream, *constants)` taking torch tensors (TVM-FFI) and launching on
+    the current torch stream; loaded from the disk cache when an earlier process compiled it."""
+    path = cache_dir() / f"{entry.__name__}-{_cache_key(entry, args, constants)}.o"
+    symbol = path.stem.replace("-", "_")
     import cutlass.cute as cute
-    from cutlass.runtime import make_fake_stream
-    return cute.compile(entry, *args, make_fake_stream(use_tvm_ffi_env_stream=True), *constants,
-                        options="--enable-tvm-ffi")
+    from cutlass.runtime import load_module, make_fake_stream
+    start = time.perf_counter()
+    use_disk = os.environ.get("CUTE_DSL_DISABLE_FILE_CACHING", "").lower() not in ("1", "true")
+    if use_disk and path.exists():
+        try:
+            fn = getattr(load_module(str(path), enable_tvm_ffi=True), symbol)
+            log.info("[deepseek_v4] loaded %s %s from the compile cache in %.2f s", entry.__name__, constants,
+                     time.perf_counter() - start)
+            return fn
+        except Exception as exc:  # a damaged entry: compile again and overwrite it
+            log.warning("[deepseek_v4] compile cache entry %s unusable (%s: %s), compiling", path,
+                        type(exc).__name__, exc)
+    fn = cute.compile(entry, *args, make_fake_stream(use_tvm_ffi_env_stream=True), *constants,
+                      options="--enable-tvm-ffi")
+    compiled = time.perf_counter() - start
+    if use_disk:
+        _write_cache_entry(fn, path, symbol)
+    log.info("[deepseek_v4] compiled %s %s in %.1f s", entry.__name__, constants, compiled)
+    return fn
+
+
+def _write_cache_entry(fn, path: Path, symbol: str) -> None:
+    """Export a compiled function as an object file, written whole or not at all (the cache is an
+    optimization: a failure is logged and serving goes on)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.o")  # then renamed: readers never see half a file
+        fn.export_to_c(str(partial), function_name=symbol)
+        os.replace(partial, path)
+    except Exception as exc:
+        log.warning("[deepseek_v4] could not write the compile cache entry %s: %s: %s", path, type(exc).__name__, exc)

@@ -105,3 +105,34 @@ def test_fused_dispatch_matches_the_torch_twin(t):
     for j in range(int(a.num_active)):
         lo, hi = int(a.active_start[j]), int(a.active_start[j + 1])
         assert sorted(a.sorted_slots[lo:hi].tolist()) == sorted(b.sorted_slots[lo:hi].tolist())
+
+
+LOADED_RUN = """
+import logging, sys, torch
+logging.basicConfig(level=logging.INFO, format='%(message)s')
+from kernels.moe import moe_w4a16
+from tests.gpu.test_moe_w4a16 import random_stacked, routing
+stacked = random_stacked(128, 128, 16, "nvfp4")
+x = torch.randn(40, 128, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+w, ids = routing(40, 16, 4)
+torch.save(moe_w4a16(x, w, ids, stacked, 10.0).cpu(), sys.argv[1])
+"""
+
+
+def test_kernels_loaded_from_the_disk_cache_compute_what_compiled_ones_do(tmp_path):
+    """A restart loads the kernels a first process compiled (kernels/cute_compile.py) and they give
+    bit for bit the same MoE output (T = 40: GEMV-free tensor-core and dispatch kernels)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "CUTE_DSL_CACHE_DIR": str(tmp_path / "cache")}
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"y{i}.pt"
+        run = subprocess.run([sys.executable, "-c", LOADED_RUN, str(out)], capture_output=True, text=True,
+                             env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs.append((run.stderr, torch.load(out)))
+    assert "compiled grouped_mma" in runs[0][0] and "loaded grouped_mma" in runs[1][0]
+    assert "compiled" not in runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
