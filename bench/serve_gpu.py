@@ -1,14 +1,16 @@
 """Served decode on a GPU through the real tritonserver (GPU, one run): a flash-shaped checkpoint
-(real V4-Flash widths, `--layers` layers) generated on the GPU; first the engine in-process, then
-the same engine behind tritonserver (nvidia-pytriton) measured with perf_analyzer over gRPC
+(real V4-Flash widths, `--layers` layers) generated on the GPU; the engine in-process, and the
+same engine behind tritonserver (nvidia-pytriton) measured with perf_analyzer over gRPC
 streaming. Prints output tokens/s and per-token latency per concurrency, the server's overhead
-against the in-process engine, and the start-up times (cold and with a warm compile cache).
+against the in-process engine, and the start-up times: the first server start compiles every
+kernel into an empty compile cache, the engine and the second start load them.
 
     python -m bench.serve_gpu [--layers 4] [--concurrency 1,8,32] [--max-tokens 32]
 """
 import argparse
 import gc
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -94,20 +96,26 @@ def main():
 
 
 def run(a, conc, max_seqs, work: Path):
+    # An empty compile cache of this run's own: the first server start compiles every kernel, the
+    # engine and the second start load them (kernels/cute_compile.py).
+    cache = work / "compile-cache"
+    os.environ["CUTE_DSL_CACHE_DIR"] = str(cache)
     path = generate(work / "ckpt", flavor="nvidia-nvfp4", size="flash-shaped", layers=a.layers, device="cuda")
     print(f"GPU: {torch.cuda.get_device_name()}; flash-shaped nvidia-nvfp4, {a.layers} layers", flush=True)
-    engine_ready, engine_rates = engine_run(path, conc, a.max_tokens, max_seqs)
-    print(f"engine in-process: ready in {engine_ready:.1f} s (first start in this process)", flush=True)
     repo = repository(path, max_seqs)
     data = work / "input.json"
     write_input_data(data, PROMPTS, ClientParams(max_tokens=a.max_tokens, min_tokens=a.max_tokens, temperature=0.0))
     cmd, env = perf_analyzer()
-    for attempt in ("first", "second (warm compile cache)"):
+    engine_rates = {}
+    for attempt in ("first (empty compile cache)", "second (warm compile cache)"):
         t0 = time.perf_counter()
-        server = TritonServer(repo, startup_timeout=600).start()
-        print(f"tritonserver {attempt} start: ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        if attempt == "first":
+        server = TritonServer(repo, startup_timeout=600, extra_env={"CUTE_DSL_CACHE_DIR": str(cache)}).start()
+        print(f"tritonserver {attempt} start: ready in {time.perf_counter() - t0:.1f} s "
+              f"({len(list(cache.glob('*.o')))} kernels in the cache)", flush=True)
+        if attempt.startswith("first"):
             server.stop()
+            engine_ready, engine_rates = engine_run(path, conc, a.max_tokens, max_seqs)
+            print(f"engine in-process: ready in {engine_ready:.1f} s (warm compile cache)", flush=True)
             continue
         try:
             print("streamed:", repr(stream_text(server.http_url, "The quick brown fox"))[:120], flush=True)
