@@ -12,8 +12,9 @@ token's k slots in order. Two kernels compute L1/L2, chosen by the expected toke
 (`w4a16_mma_sm90`, mma.sync on exactly scaled f16 weights) above. No host syncs and static
 launch shapes, so it captures into CUDA graphs.
 Kernels compile once per static configuration (format, top-k, limit, experts) for any token
-count, and are cached in memory and on disk (kernels.cute_compile: CUTE_DSL_CACHE_DIR). Call `compile_kernels` (or run
-once eagerly) before capturing a graph: compiling cannot happen inside a capture.
+count, and are cached in memory and on disk (kernels.cute_compile, CUTE_DSL_CACHE_DIR). Call
+`compile_kernels` (or run once eagerly) before capturing a graph: compiling cannot happen inside
+a capture.
 """
 from __future__ import annotations
 
