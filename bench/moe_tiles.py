@@ -2,7 +2,7 @@
 NVFP4), CUDA-graph timed, one table per kernel. Knobs (kernels.moe._compiled): token tiles of 8
 per pass over the weights, 128-wide K blocks loaded per round, warps splitting rows and K per CTA.
 
-    python -m bench.moe_tiles [--quick]
+    python -m bench.moe_tiles [--quick] [--n-tiles 1,2] [--k-unrolls 1,2] [--warps-m 2,4] [--warps-k 1,2,4] [--min-ctas 0,5,6]
 """
 import itertools
 
@@ -18,7 +18,7 @@ TOKENS = (1, 8, 32, 128)
 N_TILES, K_UNROLLS, WARPS_M, WARPS_K = (1, 2), (1, 2), (2, 4), (1, 2, 4)  # the mma kernel's; gemv has one
 
 
-def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K):
+def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K, min_ctas=(None,)):
     require_gpu()
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, "nvfp4")
@@ -33,14 +33,15 @@ def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K)
                     torch.randn(t * k, inter, device="cuda").half(), torch.empty(t * k, hidden, device="cuda"),
                     torch.empty(t * k, inter, dtype=torch.float16, device="cuda"))
     for gated in (True, False):
-        print(f"\n| {'L1' if gated else 'L2'}: token tiles | K blocks per round | warps (rows x K) | "
+        print(f"\n| {'L1' if gated else 'L2'}: token tiles | K blocks per round | warps (rows x K) | min CTAs per SM | "
               + " | ".join(f"T={t} ms" for t in TOKENS) + " |")
-        print("|---" * (3 + len(TOKENS)) + "|")
-        variants = [("gemv", None, None, None, None)]
-        variants += [("mma", *v) for v in itertools.product(n_tiles, k_unrolls, warps_m, warps_k)]
-        for kind, tiles, unroll, wm, wk in variants:
+        print("|---" * (4 + len(TOKENS)) + "|")
+        variants = [("gemv", None, None, None, None, None)]
+        variants += [("mma", *v) for v in itertools.product(n_tiles, k_unrolls, warps_m, warps_k, min_ctas)]
+        for kind, tiles, unroll, wm, wk, ctas in variants:
             fn = (_compiled(gated, 16, arch, "gemv", top_k=k, swiglu_limit=10.0) if kind == "gemv" else
-                  _compiled(gated, 16, arch, "mma", tiles, unroll, wk, top_k=k, swiglu_limit=10.0, warps_m=wm))
+                  _compiled(gated, 16, arch, "mma", tiles, unroll, wk, top_k=k, swiglu_limit=10.0, warps_m=wm,
+                            min_ctas=ctas))
             times = []
             for t in TOKENS:
                 xp, rw, d, h, y, h_out = cases[t]
@@ -50,13 +51,26 @@ def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K)
                 else:
                     run = lambda: fn(_vecs(h), _vecs(st.w2), st.s2, st.g2.view(-1, 1), rw, *common, y)
                 times.append(graph_time(run, 10))
-            knobs = f"| {kind} {tiles or ''} | {unroll or ''} | {f'{wm} x {wk}' if wm else ''} | "
+            knobs = f"| {kind} {tiles or ''} | {unroll or ''} | {f'{wm} x {wk}' if wm else ''} | {'default' if ctas is None else ctas} | "
             print(knobs + " | ".join(f"{v:.3f}" for v in times) + " |", flush=True)
 
 
 if __name__ == "__main__":
-    import sys
-    if "--quick" in sys.argv:  # around the current defaults
+    import argparse
+
+    def ints(text):
+        return tuple(int(v) for v in text.split(","))
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only the variants around the current defaults")
+    p.add_argument("--n-tiles", type=ints, default=N_TILES)
+    p.add_argument("--k-unrolls", type=ints, default=K_UNROLLS)
+    p.add_argument("--warps-m", type=ints, default=WARPS_M)
+    p.add_argument("--warps-k", type=ints, default=WARPS_K)
+    p.add_argument("--min-ctas", type=ints, default=(None,),
+                   help="register bound: CTAs per SM (0: none; default: kernels.moe's choice)")
+    a = p.parse_args()
+    if a.quick:
         main(n_tiles=(1,), k_unrolls=(1, 2), warps_m=(4,), warps_k=(1, 4))
     else:
-        main()
+        main(a.n_tiles, a.k_unrolls, a.warps_m, a.warps_k, a.min_ctas)

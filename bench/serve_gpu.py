@@ -10,6 +10,7 @@ kernel into an empty compile cache, the engine and the second start load them.
 import argparse
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,7 +34,21 @@ PROMPTS = ["Hello, how are you?", "Write a short poem about the sea.", "Explain 
            "List three prime numbers.", "What is the capital of France?"]
 
 
+class BusyLines(logging.Handler):
+    """Collects the engine's per-busy-period time split (LLMEngine logs one each time it goes idle)."""
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        if "busy" in record.getMessage():
+            self.lines.append(record.getMessage())
+
+
 def engine_run(path, concurrency, max_tokens, max_num_seqs):
+    busy = BusyLines()
+    logging.getLogger("deepseek_v4").addHandler(busy)
+    logging.getLogger("deepseek_v4").setLevel(logging.INFO)
     start = time.perf_counter()
     engine = LLMEngine(EngineConfig(checkpoint=str(path), device="cuda", max_num_seqs=max_num_seqs, max_model_len=256))
     engine.start()
@@ -47,8 +62,11 @@ def engine_run(path, concurrency, max_tokens, max_num_seqs):
             with ThreadPoolExecutor(c) as pool:
                 outs = list(pool.map(lambda i: engine.generate(PROMPTS[i % len(PROMPTS)], params), range(n)))
             rates[c] = sum(len(o["token_ids"]) for o in outs) / (time.perf_counter() - t0)
+            time.sleep(0.2)  # the engine goes idle and logs this load's time split
+            print(f"engine, concurrency {c}:", busy.lines[-1] if busy.lines else "(no time split logged)", flush=True)
     finally:
         engine.shutdown()
+        logging.getLogger("deepseek_v4").removeHandler(busy)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -140,7 +158,12 @@ def run(a, conc, max_seqs, work: Path):
                     print(f"| {c} | {engine_rates[c]:.1f} | ? | ? | ? | {run.stdout[-400:]} {run.stderr[-400:]} |")
         finally:
             server.stop()
-            print("server log has a traceback:", "Traceback" in server.log_file.read_text())
+            log_text = server.log_file.read_text()
+            print("server log has a traceback:", "Traceback" in log_text)
+            print("server engine time splits (one per busy period, warm-up and the streamed check first):")
+            for line in log_text.splitlines():
+                if "] busy " in line:
+                    print("  ", line[line.index("busy"):])
 
 
 if __name__ == "__main__":

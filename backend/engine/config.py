@@ -12,6 +12,9 @@ class EngineConfig:
     max_model_len: int = 512        # prompt + output tokens per sequence
     max_queue: int = 64             # waiting requests beyond which new ones are refused
     prefill_chunk: int = 64         # prompt tokens processed per prefill step
+    # prompts up to this many tokens are fed through decode steps, a token per step, instead of
+    # prefill chunks; None: 32 when decode replays CUDA graphs, else 0 (eager decode gains nothing)
+    decode_prompt_tokens: int | None = None
     simulate_qat: bool = False      # the reference model's QAT simulation (see backend.model)
     kernels: bool = True            # on CUDA: the model on the kernel runners (backend.gpu_model)
     cuda_graphs: bool = True        # on CUDA with kernels: decode from pre-captured graphs
@@ -21,5 +24,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"engine setting '{name}' must be a positive integer, got {value!r}")
+        if self.decode_prompt_tokens is not None and (
+                not isinstance(self.decode_prompt_tokens, int) or self.decode_prompt_tokens < 0):
+            raise ValueError("engine setting 'decode_prompt_tokens' must be a non-negative integer, "
+                             f"got {self.decode_prompt_tokens!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"engine setting 'device' must be auto, cpu or cuda[:N], got {self.device!r}")

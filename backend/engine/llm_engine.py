@@ -17,7 +17,7 @@ from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, Status
 
 log = logging.getLogger("deepseek_v4")
 
@@ -47,6 +47,28 @@ class EngineStats:
     time_per_output_token: float = 0.0  # seconds, mean over the last decode steps
 
 
+@dataclass
+class BusyPeriod:
+    """Where the engine thread's time went since it last had nothing to do: logged when it goes
+    idle, so a benchmark sees the split (GPU steps vs host work) of each load it applied."""
+    start: float = 0.0
+    decode_steps: int = 0
+    decode_rows: int = 0
+    decode_seconds: float = 0.0   # model + sampling (reading the tokens back included)
+    prefill_chunks: int = 0
+    prefill_seconds: float = 0.0
+    output_seconds: float = 0.0   # detokenizing, stop checks, callbacks
+
+    def summary(self) -> str:
+        wall = time.perf_counter() - self.start
+        other = wall - self.decode_seconds - self.prefill_seconds - self.output_seconds
+        steps = max(self.decode_steps, 1)
+        return (f"[deepseek_v4] busy {wall:.2f} s: {self.decode_steps} decode steps (mean batch "
+                f"{self.decode_rows / steps:.1f}, {1e3 * self.decode_seconds / steps:.2f} ms each), "
+                f"{self.prefill_chunks} prefill chunks ({self.prefill_seconds:.2f} s), output handling "
+                f"{1e3 * self.output_seconds / steps:.2f} ms per decode step, other {other:.2f} s")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
         self.config = config
@@ -54,7 +76,10 @@ class LLMEngine:
         self.tokenizer = self.runner.tokenizer
         self.eos_id = self.runner.args.eos_token_id
         self.bos_id = self.runner.args.bos_token_id
-        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk)
+        prompt_tokens = config.decode_prompt_tokens
+        if prompt_tokens is None:
+            prompt_tokens = 32 if self.runner.graphs is not None else 0
+        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, prompt_tokens)
         self.stats = EngineStats()
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -63,6 +88,7 @@ class LLMEngine:
         self._pending = 0  # accepted, not yet seen by the loop
         self._sequences: dict[object, tuple[Sequence, IncrementalDetokenizer, Callable]] = {}
         self._thread: threading.Thread | None = None
+        self._busy: BusyPeriod | None = None
 
     # --- public API (any thread) ------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -111,6 +137,9 @@ class LLMEngine:
         while not self._stop.is_set():
             self._drain_inbox()
             if self.scheduler.num_unfinished == 0:
+                if self._busy is not None:
+                    log.info(self._busy.summary())
+                    self._busy = None
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -136,19 +165,38 @@ class LLMEngine:
 
     def step(self) -> None:
         kind, seqs, n = self.scheduler.schedule()
+        busy = self._busy = self._busy or BusyPeriod(start=time.perf_counter())
+        start = time.perf_counter()
         try:
             if kind == "prefill":
                 seq = seqs[0]
                 logits = self.runner.prefill(seq, n)
                 self.scheduler.prefilled(seq, n)
+                tokens = None
                 if seq.num_prefilled == len(seq.prompt_ids):
-                    self._append(seqs, self.runner.sample(logits, seqs, [self._banned(seq)]))
+                    tokens = self.runner.sample(logits, seqs, [self._banned(seq)])
+                busy.prefill_chunks += 1
+                busy.prefill_seconds += time.perf_counter() - start
+                if tokens is not None:
+                    self._append(seqs, tokens)
             elif kind == "decode":
-                start = time.perf_counter()
                 logits = self.runner.decode(seqs)
-                self._append(seqs, self.runner.sample(logits, seqs, [self._banned(s) for s in seqs]))
-                self.stats.time_per_output_token = 0.9 * self.stats.time_per_output_token + 0.1 * (
-                    time.perf_counter() - start) if self.stats.time_per_output_token else time.perf_counter() - start
+                for seq in seqs:
+                    if seq.status == Status.PREFILLING:  # fed a prompt token
+                        self.scheduler.prefilled(seq, 1)
+                # Sample the sequences that now need a token (the ones still in their prompts don't;
+                # their generators must not advance either).
+                rows = [i for i, seq in enumerate(seqs) if seq.status == Status.RUNNING]
+                ready = [seqs[i] for i in rows]
+                tokens = self.runner.sample(logits, ready, [self._banned(s) for s in ready],
+                                            rows if len(rows) < len(seqs) else None) if ready else []
+                step_seconds = time.perf_counter() - start
+                busy.decode_steps += 1
+                busy.decode_rows += len(seqs)
+                busy.decode_seconds += step_seconds
+                self._append(ready, tokens)
+                self.stats.time_per_output_token = (0.9 * self.stats.time_per_output_token + 0.1 * step_seconds
+                                                    if self.stats.time_per_output_token else step_seconds)
         except Exception as exc:  # the engine keeps serving the others
             log.error("[deepseek_v4] %s step failed: %s: %s", kind, type(exc).__name__, exc)
             for seq in seqs:
@@ -162,6 +210,12 @@ class LLMEngine:
         return ([] if seq.params.ignore_eos else [self.eos_id]) + list(seq.params.stop_token_ids)
 
     def _append(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        start = time.perf_counter()
+        self._append_outputs(seqs, tokens)
+        if self._busy is not None:
+            self._busy.output_seconds += time.perf_counter() - start
+
+    def _append_outputs(self, seqs: list[Sequence], tokens: list[int]) -> None:
         self.stats.generated_tokens += len(tokens)
         for seq, token in zip(seqs, tokens):
             seq.output_ids.append(token)

@@ -69,14 +69,26 @@ class ModelRunner:
         return logits[0]
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence; -> logits [B, V]."""
+        """One token for each sequence: its last token, or for a sequence still prefilling (a short
+        prompt riding in the decode step) its next prompt token; -> logits [B, V]."""
+        inputs = [self._next_input(s) for s in seqs]
+        tokens, positions = [t for t, _ in inputs], [p for _, p in inputs]
         if self.graphs is not None:
-            return self.graphs.run([s.last_token for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                   [s.slot for s in seqs])
-        tokens = torch.tensor([[s.last_token] for s in seqs])
-        positions = torch.tensor([s.num_tokens - 1 for s in seqs])
-        logits, _ = self.model.forward(tokens, positions, [s.slot for s in seqs], self.state)
+            return self.graphs.run(tokens, positions, [s.slot for s in seqs])
+        logits, _ = self.model.forward(torch.tensor(tokens).view(-1, 1), torch.tensor(positions),
+                                       [s.slot for s in seqs], self.state)
         return logits
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], banned: list[list[int]]) -> list[int]:
+    def _next_input(self, seq: Sequence) -> tuple[int, int]:
+        if seq.num_prefilled < len(seq.prompt_ids):
+            if seq.num_prefilled == 0:
+                self.start_sequence(seq)
+            return seq.prompt_ids[seq.num_prefilled], seq.num_prefilled
+        return seq.last_token, seq.num_tokens - 1
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], banned: list[list[int]],
+               rows: list[int] | None = None) -> list[int]:
+        """A token for each of seqs from its row of logits (rows: which rows, when not all)."""
+        if rows is not None:
+            logits = logits[torch.tensor(rows, device=logits.device)]
         return sample(logits.view(len(seqs), -1), [s.params for s in seqs], [s.generator for s in seqs], banned)

@@ -33,12 +33,14 @@ __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "uns
 
 @functools.cache
 def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: int = 1, k_unroll: int = 2,
-              warps_k: int = 1, top_k: int = 1, swiglu_limit: float = 0.0, warps_m: int = 4):
+              warps_k: int = 1, top_k: int = 1, swiglu_limit: float = 0.0, warps_m: int = 4,
+              min_ctas: int | None = None):
     """One compiled grouped GEMM per static configuration; every size is a runtime value.
     kind "gemv": the SIMT kernel (kernels.moe.w4a16_sm90), for about one token per expert.
     kind "mma": the tensor-core kernel (kernels.moe.w4a16_mma_sm90); its knobs: token tiles of 8
     per pass over the weights, 128-wide K blocks per load round, warps splitting K and warps
-    splitting rows per CTA. top_k and swiglu_limit matter to L1 (gated) only."""
+    splitting rows per CTA, and a register bound of `min_ctas` CTAs per SM (None: L2_MIN_CTAS for
+    the ungated kernel with one token tile and no K splitting, else none). top_k and swiglu_limit matter to L1 (gated) only."""
     import cutlass
 
     from . import w4a16_mma_sm90, w4a16_sm90
@@ -50,17 +52,25 @@ def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: in
             fake(cutlass.Int32, None), fake(cutlass.Int32, None), fake(cutlass.Int32, 1),
             fake(cutlass.Float16 if gated else cutlass.Float32, None, None))
     common = (top_k, group, gated, float(swiglu_limit))
+    if min_ctas is None:
+        min_ctas = L2_MIN_CTAS if not gated and warps_k == 1 and n_tiles == 1 else 0
     if kind == "gemv":
         simt = w4a16_sm90
         tiles = (simt.WARPS, simt.ROWS_L1 if gated else simt.ROWS_L2, simt.TOKEN_TILE)
         return compile_tvm_ffi(simt.grouped_gemv, args, (*common, *tiles))
-    return compile_tvm_ffi(w4a16_mma_sm90.grouped_mma, args, (*common, warps_m, warps_k, n_tiles, k_unroll))
+    return compile_tvm_ffi(w4a16_mma_sm90.grouped_mma, args, (*common, warps_m, warps_k, n_tiles, k_unroll,
+                                                              min_ctas))
 
 
 GEMV_MAX_TOKENS = 1.25  # per expert: up to here the SIMT kernel is faster (H200 sweep, bench/NOTES.md)
 N_TILE_CHOICES = (1, 2, 4)
 K_UNROLL_CHOICES = (1, 2)
 SPLIT_K_WARPS = 4
+# The ungated (L2, dense) kernel needs 62 registers; bounded to 6 CTAs of 4 warps per SM (85), ptxas
+# keeps more loads in flight: -9% / -10% at T = 32 / 128 on an H200 (bench/NOTES.md). The gated
+# L1 kernel (116 registers) spills under any bound, more token tiles need more registers, and
+# K-split CTAs (16 warps) fit only 2 per SM.
+L2_MIN_CTAS = 6
 FEW_ROW_TILES = 132 * 4  # fewer (expert, 16-row) tiles than this leave an H100/H200's memory idle
 
 
@@ -135,12 +145,24 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
 
 
 def pair_order(x: torch.Tensor) -> torch.Tensor:
-    """Activations [T, D] (bf16 or fp32) as f16 in the kernels' pair order: within each 8,
-    (0,4),(1,5),(2,6),(3,7)."""
+    """Activations [T, D] (bf16 or fp32, D % 128 == 0) as f16 in the W4A16 kernels' activation
+    order. Within each 8: pairs (0,4),(1,5),(2,6),(3,7), which the E2M1 pair decode produces. Within
+    each 128-wide K block, whose four 32-wide chunks t go to the lanes t = lane % 4, vector w of
+    chunk t sits at 4w + t, so the four lanes of a token read 64 contiguous bytes per load."""
     t, d = x.shape
     out = torch.empty(t, d, dtype=torch.float16, device=x.device)
-    out.view(t, d // 8, 4, 2).copy_(x.view(t, d // 8, 2, 4).transpose(-1, -2))  # one kernel: permute + convert
+    # logical (block, chunk t, vector w, half h, j) -> physical (block, w, t, j, h): one permute + convert kernel
+    out.view(t, d // 128, 4, 4, 4, 2).copy_(x.view(t, d // 128, 4, 4, 2, 4).permute(0, 1, 3, 2, 5, 4))
     return out
+
+
+def activation_position(n):
+    """Where logical K index n >= 0 sits in the activation order of `pair_order` (L1's epilogue
+    writes h there for L2). Branch-free integer ops, so it runs on ints, torch tensors and CuTe DSL
+    Int32 alike: chunk t (bits 5-6) and vector w (bits 3-4) trade places; element e of an 8 goes to
+    2e for e < 4, 2e - 7 above."""
+    e = n & 7
+    return (n & -128) | (((n >> 3) & 3) << 5) | (((n >> 5) & 3) << 3) | (2 * e - 7 * (e >> 2))
 
 
 def _vecs(t: torch.Tensor) -> torch.Tensor:

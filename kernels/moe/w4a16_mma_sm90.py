@@ -6,9 +6,13 @@ weight traffic: each expert's packed E2M1 bytes are read from memory once per `8
 No re-layout of the checkpoint's bytes. The MMA sums over K in any order, so each lane is given
 the K positions that are contiguous in memory: lane (g, t) of a warp (g = lane / 4, t = lane % 4)
 reads, per 128-wide K block, the 16 bytes at K = 32t .. 32t+31 of weight rows g and g+8 (one
-16-byte load each) and the matching 64 bytes of its token's activations. Within each 8 weights,
-E2M1 nibbles j and j+4 decode together into one f16x2 (`_e2m1_pair`), and the activations come in
-the same pair order (`kernels.moe.pair_order`), so A and B agree on the order of K by construction.
+16-byte load each), their 2 NVFP4 scale bytes (one 16-bit load), and the matching 64 bytes of its
+token's activations. Within each 8 weights, E2M1 nibbles j and j+4 decode together into one f16x2
+(`_e2m1_pair`), and the activations come in the same pair order, so A and B agree on the order of
+K by construction. The activations are ours to lay out (`kernels.moe.pair_order`, and L1's
+epilogue writing h): their 16-byte vectors are interleaved across the 4 chunks of each K block,
+so each of a lane's 4 activation loads is, across the warp, 64 contiguous bytes per token
+instead of 16 bytes out of every 64.
 
 Scales: the block scale is folded into the decoded f16 weight before the MMA, exactly:
   NVFP4: (v * 2^-14) * e4m3  = v * s * 2^-14, a multiple of 2^-24 with <= 6 significant bits
@@ -36,6 +40,7 @@ from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from . import activation_position
 from .w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair  # the same E2M1 pair decode as the GEMV
 
 ROWS = 16  # output rows per warp: the MMA's M
@@ -73,6 +78,13 @@ def _e4m3_pair_to_f16x2(pair: Int32, *, loc=None, ip=None) -> Int32:
         "{ .reg .b16 s; cvt.u16.u32 s, $1; cvt.rn.f16x2.e4m3x2 $0, s; }", "=r,r", loc=loc, ip=ip))
 
 
+@dsl_user_op
+def _prmt(a: Int32, selector: int, *, loc=None, ip=None) -> Int32:
+    """prmt.b32 a, 0 with a constant byte selector (e.g. 0x1010: the low f16 in both halves)."""
+    return Int32(mlir_llvm.inline_asm(Int32.mlir_type, _ir(a, loc=loc, ip=ip), f"prmt.b32 $0, $1, 0, {selector};",
+                                      "=r,r", loc=loc, ip=ip))
+
+
 @cute.jit
 def _scale_f16x2(byte: Int32, nvfp4: cutlass.Constexpr) -> Int32:
     """A block scale byte as the f16x2 (same value in both halves) the decoded weights are multiplied by."""
@@ -88,7 +100,6 @@ def _load_round(w_vecs, scales, x_vecs, e, row0, n_out, xrow, kb0, t, wq, sc, xq
                 halves: cutlass.Constexpr, n_tiles: cutlass.Constexpr, k_unroll: cutlass.Constexpr):
     """One round's loads into registers: k_unroll K blocks of this lane's weight rows (row0, row0 + 8,
     and the w3 half's), their scales (as f16x2), and its tokens' activations."""
-    groups_per_lane = 2 if nvfp4 else 1  # scale groups in a lane's 32 weights
     for u in cutlass.range_constexpr(k_unroll):
         kb = kb0 + u
         for half in cutlass.range_constexpr(halves):
@@ -97,11 +108,17 @@ def _load_round(w_vecs, scales, x_vecs, e, row0, n_out, xrow, kb0, t, wq, sc, xq
                 vec = w_vecs[e, row, kb * 4 + t, None].load()
                 for q in cutlass.range_constexpr(4):
                     wq[u, half, r, q] = vec[q]
-                for b in cutlass.range_constexpr(groups_per_lane):
-                    sc[u, half, r, b] = _scale_f16x2(Int32(scales[e, row, (kb * 4 + t) * groups_per_lane + b]), nvfp4)
+                if cutlass.const_expr(nvfp4):
+                    # the lane's 2 scale bytes (one per 16 weights) are adjacent: one 16-bit load
+                    pair = _e4m3_pair_to_f16x2(Int32(scales[e, row, kb * 4 + t]))
+                    sc[u, half, r, 0] = _prmt(pair, 0x1010)  # (s0, s0)
+                    sc[u, half, r, 1] = _prmt(pair, 0x3232)  # (s1, s1)
+                else:
+                    sc[u, half, r, 0] = _scale_f16x2(Int32(scales[e, row, kb * 4 + t]), nvfp4)
         for j in cutlass.range_constexpr(n_tiles):
             for w in cutlass.range_constexpr(4):
-                xv = x_vecs[xrow[j], kb * 16 + 4 * t + w, None].load()
+                # vector w of chunk t sits at 4w + t (activation order): a warp's load is contiguous per token
+                xv = x_vecs[xrow[j], kb * 16 + 4 * w + t, None].load()
                 for q in cutlass.range_constexpr(4):
                     xq[u, j, w, q] = xv[q]
 
@@ -130,7 +147,7 @@ def _mma_round(wq, sc, xq, acc, nvfp4: cutlass.Constexpr, halves: cutlass.Conste
 
 @cute.kernel
 def _grouped_mma_kernel(
-    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: f16 activations in pair order, 8 per vector
+    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: f16 activations in activation order, 8 per vector
     w_vecs: cute.Tensor,       # int32 [E, N, K/32, 4]: packed E2M1, 32 per 4-word vector
     scales: cute.Tensor,       # uint8 [E, N, K/G]
     gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]
@@ -139,7 +156,7 @@ def _grouped_mma_kernel(
     active_experts: cute.Tensor,
     active_start: cute.Tensor,
     num_active: cute.Tensor,
-    out: cute.Tensor,          # gated: f16 [slots, N/2] (pair order); else fp32 [slots, N]
+    out: cute.Tensor,          # gated: f16 [slots, N/2] (activation order); else fp32 [slots, N]
     top_k: cutlass.Constexpr,
     group: cutlass.Constexpr,
     gated: cutlass.Constexpr,
@@ -161,6 +178,8 @@ def _grouped_mma_kernel(
     nvfp4 = group == 16
     halves = 2 if gated else 1
     n_acc = n_tiles * halves * 4
+    # NVFP4: [E, N, K/32] 16-bit words, a lane's 2 scale bytes per K block; MXFP4: the bytes, 1 per lane
+    lane_scales = cute.recast_tensor(scales, cutlass.Uint16) if cutlass.const_expr(nvfp4) else scales
     smem = cutlass.memory.SmemAllocator()
     partial = smem.allocate_tensor(Float32, cute.make_layout((warps_k, warps_m, n_acc, 32)), 16)
     if by < num_active[0] and n0 < n_out:  # uniform per CTA when warps_m divides n_out / 16 (the host checks)
@@ -185,7 +204,7 @@ def _grouped_mma_kernel(
             # Every load of a round first (bytes in flight), then its MMAs. (Prefetching the next
             # round into a second register buffer was slower on an H200: register pressure.)
             for kb in cutlass.range(wk * k_unroll, n_kb, warps_k * k_unroll, unroll=1):
-                _load_round(w_vecs, scales, x_vecs, e, n0 + g, n_out, xrow, kb, t, wq, sc, xq, nvfp4, halves,
+                _load_round(w_vecs, lane_scales, x_vecs, e, n0 + g, n_out, xrow, kb, t, wq, sc, xq, nvfp4, halves,
                             n_tiles, k_unroll)
                 _mma_round(wq, sc, xq, acc, nvfp4, halves, n_tiles, k_unroll)
             if cutlass.const_expr(warps_k > 1):
@@ -214,10 +233,7 @@ def _grouped_mma_kernel(
                                 up = cutlass.max(cutlass.min(acc[j, 1, i] * (gscale[e, 1] * correction),
                                                              Float32(swiglu_limit)), Float32(-swiglu_limit))
                                 silu = gate / (Float32(1.0) + cute.math.exp(-gate))
-                                # h is stored in the pair order the L2 kernel reads: (j, j+4) within each 8.
-                                rr = n % 8
-                                pos = n - rr + (2 * rr if rr < 4 else 2 * rr - 7)
-                                out[slot, pos] = (route_w[slot] * silu * up).to(cutlass.Float16)
+                                out[slot, activation_position(n)] = (route_w[slot] * silu * up).to(cutlass.Float16)
                             else:
                                 out[slot, n] = acc[j, 0, i] * (gscale[e, 0] * correction)
             if cutlass.const_expr(warps_k > 1):
@@ -228,11 +244,14 @@ def _grouped_mma_kernel(
 def grouped_mma(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_experts, active_start, num_active,
                 out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
                 swiglu_limit: cutlass.Constexpr, warps_m: cutlass.Constexpr, warps_k: cutlass.Constexpr,
-                n_tiles: cutlass.Constexpr, k_unroll: cutlass.Constexpr):
+                n_tiles: cutlass.Constexpr, k_unroll: cutlass.Constexpr, min_ctas: cutlass.Constexpr = 0):
+    """min_ctas > 0: ask ptxas for registers that fit that many CTAs per SM (more warps in flight)."""
     rows = out.shape[1]
     _grouped_mma_kernel(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_experts, active_start,
                         num_active, out, top_k, group, gated, swiglu_limit, warps_m, warps_k, n_tiles,
                         k_unroll).launch(
         grid=[(rows + warps_m * ROWS - 1) // (warps_m * ROWS), active_experts.shape[0], 1],
         block=[32 * warps_m * warps_k, 1, 1],
-        stream=stream)
+        stream=stream,
+        min_blocks_per_mp=min_ctas,
+        preferred_smem_carveout=25 if min_ctas else None)  # set: the DSL would ask a GPU for the maximum

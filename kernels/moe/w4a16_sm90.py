@@ -22,6 +22,8 @@ from cutlass import Float16, Float32, Int16, Int32
 from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
+from . import activation_position
+
 # Default tiling (bench/moe_tiles.py sweeps these on a GPU). Weight rows per warp amortize each
 # warp's setup (expert, token slots) and put more independent 16-byte loads in flight per lane;
 # L1's rows come in w1/w3 pairs, so it takes fewer.
@@ -73,7 +75,7 @@ def _block_scale(byte: Int32, nvfp4: cutlass.Constexpr) -> Float32:
 
 @cute.kernel
 def _grouped_gemv_kernel(
-    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: f16 activations, 8 per vector, pairs (j, j+4)
+    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: f16 activations in activation order, 8 per vector
     w_vecs: cute.Tensor,       # int32 [E, N, K/32, 4]: packed E2M1, 32 per 4-word vector
     scales: cute.Tensor,       # uint8 [E, N, K/G]
     gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]
@@ -82,7 +84,7 @@ def _grouped_gemv_kernel(
     active_experts: cute.Tensor,
     active_start: cute.Tensor,
     num_active: cute.Tensor,
-    out: cute.Tensor,          # gated: f16 [slots, N/2] (pair order); else fp32 [slots, N]
+    out: cute.Tensor,          # gated: f16 [slots, N/2] (activation order); else fp32 [slots, N]
     top_k: cutlass.Constexpr,
     group: cutlass.Constexpr,
     gated: cutlass.Constexpr,
@@ -128,7 +130,8 @@ def _grouped_gemv_kernel(
                 for q in cutlass.range_constexpr(4):  # word q: weights 8q..8q+7 of the 32
                     for tt in cutlass.range_constexpr(token_tile):
                         if tt < n_valid:
-                            xvec = x_vecs[rows[tt], v * 4 + q, None].load()  # 4 f16x2, pairs (j, j+4)
+                            # logical vector 4v + q: chunk v % 4 of K block v // 4, in activation order
+                            xvec = x_vecs[rows[tt], (v // 4) * 16 + 4 * q + v % 4, None].load()  # 4 f16x2
                             for r in cutlass.range_constexpr(rows_per_warp):
                                 for half in cutlass.range_constexpr(halves):
                                     dot = Int32(0)
@@ -151,10 +154,7 @@ def _grouped_gemv_kernel(
                                 u = cutlass.max(cutlass.min(acc[tt, r, 1] * gscale[e, 1], Float32(swiglu_limit)),
                                                 Float32(-swiglu_limit))
                                 silu = g / (Float32(1.0) + cute.math.exp(-g))
-                                # h is stored in the pair order the L2 kernel reads: (j, j+4) within each 8.
-                                rr = n % 8
-                                pos = n - rr + (2 * rr if rr < 4 else 2 * rr - 7)
-                                out[slot, pos] = (route_w[slot] * silu * u).to(Float16)
+                                out[slot, activation_position(n)] = (route_w[slot] * silu * u).to(Float16)
                             else:
                                 out[slot, n] = acc[tt, r, 0] * gscale[e, 0]
 

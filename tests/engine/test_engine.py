@@ -37,6 +37,32 @@ def test_slots_and_scheduler_continuous_batching():
     assert seqs[0].slot is None and sched.schedule()[0] == "prefill" and seqs[2].slot is not None
 
 
+def test_short_prompts_ride_in_decode_steps_and_long_ones_take_prefill_chunks():
+    sched = Scheduler(num_slots=4, prefill_chunk=4, decode_prompt_tokens=3)
+    running, short, long = (Sequence(list(range(n)), SamplingParams()) for n in (2, 3, 9))
+    sched.add(running)
+    sched.schedule()  # running's 2-token prompt rides the first decode step's ...
+    sched.prefilled(running, 1)
+    assert sched.schedule() == ("decode", [running], 1)  # ... and the second
+    sched.prefilled(running, 1)
+    assert running.status == Status.RUNNING
+    sched.add(short)
+    sched.add(long)
+    kinds = []
+    for _ in range(4):
+        kind, batch, n = sched.schedule()
+        kinds.append(kind)
+        if kind == "decode":
+            assert batch == [running, short] or (batch == [running] and short.status == Status.RUNNING)
+            if short.status == Status.PREFILLING:
+                sched.prefilled(short, 1)
+        else:
+            assert batch == [long] and n == 4
+            sched.prefilled(long, n)
+    assert kinds == ["prefill", "decode", "prefill", "decode"]  # the long prompt alternates with decoding
+    assert short.num_prefilled == 2 and long.num_prefilled == 8
+
+
 def test_sampling_params_validation_names_the_field():
     assert SamplingParams.from_dict({"max_tokens": 3, "stop": "x"}).stop == ["x"]
     for raw, field in [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
@@ -175,6 +201,34 @@ def test_engine_batched_equals_alone_and_frees_slots(engine):
         assert results[i]["token_ids"] == engine.generate(*case)["token_ids"], i
         assert results[i]["finish_reason"] == "length"
     assert engine.stats.slots_in_use == 0 and engine.stats.requests_running == 0
+
+
+def test_prompts_fed_through_decode_steps_give_the_tokens_of_prefill_chunks(engine):
+    """The same requests, concurrently, with short prompts riding in the decode steps: the same
+    tokens as with prefill chunks, sampled ones included (a rider's generator must not advance)."""
+    from backend.engine import EngineConfig
+    cases = [("a b c " * (i + 1), SamplingParams(max_tokens=5, temperature=0.0 if i % 2 else 0.9, seed=i))
+             for i in range(4)]
+    lengths = [len(engine.encode(prompt)) for prompt, _ in cases]
+    assert min(lengths) <= 8 < max(lengths)  # riders and prefill chunks both
+    riding = LLMEngine(EngineConfig(checkpoint=engine.config.checkpoint, max_num_seqs=4, max_model_len=128,
+                                    prefill_chunk=5, decode_prompt_tokens=8), runner=engine.runner)
+    assert riding.scheduler.decode_prompt_tokens == 8 and engine.scheduler.decode_prompt_tokens == 0
+    riding.start()
+    try:
+        results = [None] * len(cases)
+
+        def run(i):
+            results[i] = riding.generate(*cases[i])
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        riding.shutdown()
+    for i, case in enumerate(cases):
+        assert results[i]["token_ids"] == engine.generate(*case)["token_ids"], i
 
 
 def test_engine_rejects_bad_prompts(engine):

@@ -51,6 +51,18 @@ def scale_f16x2(byte: int, nvfp4: bool) -> int:
     return (field << 10) | (field << 26)
 
 
+def scale_pair(scale_bytes, row: int, chunk: int, nvfp4: bool) -> list[int]:
+    """The kernel's scales for one lane's 32 weights of a row: NVFP4 reads the 2 bytes as one 16-bit
+    word (little-endian: the first 16 weights' scale low), converts both with cvt.rn.f16x2.e4m3x2 and
+    broadcasts each half with prmt; MXFP4 reads its one byte."""
+    if not nvfp4:
+        return [scale_f16x2(int(scale_bytes[row, chunk]), False)]
+    word16 = int(scale_bytes[row, 2 * chunk: 2 * chunk + 2].view(np.uint16)[0])
+    lo, hi = (torch.tensor([word16 & 0xFF, word16 >> 8], dtype=torch.uint8).view(torch.float8_e4m3fn)
+              .half().numpy())
+    return [word_of([lo, lo]), word_of([hi, hi])]
+
+
 def hmul2_exact(a: int, b: int) -> int:
     """mul.rn.f16x2, asserting the product needs no rounding (the kernel's exactness claim)."""
     exact = f16x2(a).astype(np.float64) * f16x2(b).astype(np.float64)
@@ -65,7 +77,6 @@ def emulate(packed, scale_bytes, global_scale, x, nvfp4):
     lanes by the PTX fragment layout. -> [T, N] float64."""
     n, k = packed.shape[0], packed.shape[1] * 2
     t_count = x.shape[0]
-    groups_per_lane = 2 if nvfp4 else 1
     w_words = packed.view(np.uint32).reshape(n, k // 32, 4)
     x_words = pair_order(x).view(torch.int32).numpy().view(np.uint32).reshape(t_count, k // 8, 4)
     out = np.zeros((t_count, n))
@@ -76,10 +87,9 @@ def emulate(packed, scale_bytes, global_scale, x, nvfp4):
             for lane in range(32):
                 g, t = lane // 4, lane % 4
                 wq = [[int(w) for w in w_words[n0 + g + 8 * r, kb * 4 + t]] for r in range(2)]
-                sc = [[scale_f16x2(int(scale_bytes[n0 + g + 8 * r, (kb * 4 + t) * groups_per_lane + b]), nvfp4)
-                       for b in range(groups_per_lane)] for r in range(2)]
+                sc = [scale_pair(scale_bytes, n0 + g + 8 * r, kb * 4 + t, nvfp4) for r in range(2)]
                 token = min(g, t_count - 1)  # absent columns repeat a real token and are discarded
-                xq = [[int(w) for w in x_words[token, kb * 16 + 4 * t + w]] for w in range(4)]
+                xq = [[int(w) for w in x_words[token, kb * 16 + 4 * w + t]] for w in range(4)]
                 lanes.append((wq, sc, xq))
             for s in range(8):
                 w, p = s // 2, 2 * (s % 2)
@@ -123,3 +133,20 @@ def test_lane_arithmetic_is_the_dequantized_matmul(fmt, tokens):
     out = emulate(packed.numpy(), scales.numpy(), gs, x, fmt == "nvfp4")
     # The reference rounds w to fp32 once (the global scale); the emulation is exact until the sum.
     assert np.abs(out - ref.numpy()).max() <= 1e-6 * np.abs(ref.numpy()).max()
+
+
+def test_activation_position_is_where_pair_order_puts_each_element():
+    """L1's epilogue writes h[n] at activation_position(n) and L2 reads h as pair_order lays out x:
+    the two must agree, element for element, and be a permutation within each 128."""
+    from kernels.moe import activation_position
+    d = 384
+    x = torch.arange(d, dtype=torch.float32).repeat(2, 1)  # exact in f16
+    laid_out = pair_order(x)
+    n = torch.arange(d)
+    pos = activation_position(n)
+    assert torch.equal(laid_out[:, pos].float(), x)
+    assert torch.equal(torch.sort(pos).values, n) and torch.equal(pos // 128, n // 128)
+    assert [activation_position(int(i)) for i in range(16)] == [int(p) for p in pos[:16]]  # ints too
+    # hand-checked: the pair order within 8, chunk/vector swap within 128
+    assert [int(p) for p in pos[:8]] == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert int(pos[8]) == 32 and int(pos[32]) == 8 and int(pos[40]) == 40 and int(pos[128 + 97]) == 128 + 2 + 32 * 0 + 8 * 3
