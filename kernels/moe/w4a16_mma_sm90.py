@@ -40,8 +40,7 @@ from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from . import activation_position
-from .w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair  # the same E2M1 pair decode as the GEMV
+from .w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair, store_output  # shared with the GEMV
 
 ROWS = 16  # output rows per warp: the MMA's M
 
@@ -227,15 +226,10 @@ def _grouped_mma_kernel(
                         tok = t0 + 8 * j + 2 * t + i % 2
                         if tok < s1:
                             slot = sorted_slots[tok]
-                            n = n0 + g + 8 * (i // 2)
-                            if cutlass.const_expr(gated):
-                                gate = cutlass.min(acc[j, 0, i] * (gscale[e, 0] * correction), Float32(swiglu_limit))
-                                up = cutlass.max(cutlass.min(acc[j, 1, i] * (gscale[e, 1] * correction),
-                                                             Float32(swiglu_limit)), Float32(-swiglu_limit))
-                                silu = gate / (Float32(1.0) + cute.math.exp(-gate))
-                                out[slot, activation_position(n)] = (route_w[slot] * silu * up).to(cutlass.Float16)
-                            else:
-                                out[slot, n] = acc[j, 0, i] * (gscale[e, 0] * correction)
+                            up = halves - 1
+                            store_output(out, slot, n0 + g + 8 * (i // 2), acc[j, 0, i], acc[j, up, i],
+                                         gscale[e, 0] * correction, gscale[e, up] * correction, route_w[slot],
+                                         gated, swiglu_limit)
             if cutlass.const_expr(warps_k > 1):
                 cute.arch.sync_threads()  # the partials are read before the next token tile writes them
 

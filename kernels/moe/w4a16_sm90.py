@@ -47,6 +47,21 @@ def _e2m1_pair(word: Int32, j: cutlass.Constexpr) -> Int32:
     return (magnitude & 0x0E000E00) | (sign & -0x7FFF8000)  # -0x7FFF8000 == 0x80008000 as an int32
 
 
+@cute.jit
+def store_output(out: cute.Tensor, slot: Int32, n: Int32, acc: Float32, acc_up: Float32, scale: Float32,
+                 scale_up: Float32, route_weight: Float32, gated: cutlass.Constexpr, swiglu_limit: cutlass.Constexpr):
+    """Both kernels' epilogue for output row n of one (token, k) slot, from fp32 sums and their scales.
+    L1 (gated): DeepSeek's clamped SwiGLU times the routing weight, as f16 at the row's place in the
+    activation order L2 reads; L2: the scaled sum in fp32."""
+    if cutlass.const_expr(gated):
+        gate = cutlass.min(acc * scale, Float32(swiglu_limit))
+        up = cutlass.max(cutlass.min(acc_up * scale_up, Float32(swiglu_limit)), Float32(-swiglu_limit))
+        silu = gate / (Float32(1.0) + cute.math.exp(-gate))
+        out[slot, activation_position(n)] = (route_weight * silu * up).to(Float16)
+    else:
+        out[slot, n] = acc * scale
+
+
 @dsl_user_op
 def _hfma2(a: Int32, b: Int32, c: Int32, *, loc=None, ip=None) -> Int32:
     """a * b + c on f16x2 registers."""
@@ -148,15 +163,9 @@ def _grouped_gemv_kernel(
                     if t0 + tt < s1:
                         slot = sorted_slots[t0 + tt]
                         for r in cutlass.range_constexpr(rows_per_warp):
-                            n = n0 + r
-                            if cutlass.const_expr(gated):
-                                g = cutlass.min(acc[tt, r, 0] * gscale[e, 0], Float32(swiglu_limit))
-                                u = cutlass.max(cutlass.min(acc[tt, r, 1] * gscale[e, 1], Float32(swiglu_limit)),
-                                                Float32(-swiglu_limit))
-                                silu = g / (Float32(1.0) + cute.math.exp(-g))
-                                out[slot, activation_position(n)] = (route_w[slot] * silu * u).to(Float16)
-                            else:
-                                out[slot, n] = acc[tt, r, 0] * gscale[e, 0]
+                            half = 1 if cutlass.const_expr(gated) else 0
+                            store_output(out, slot, n0 + r, acc[tt, r, 0], acc[tt, r, half], gscale[e, 0],
+                                         gscale[e, half], route_w[slot], gated, swiglu_limit)
 
 
 @cute.jit
