@@ -1,8 +1,10 @@
 """Sweep the MoE kernels' tiling on a GPU: L1 and L2 times at T = 1, 8, 32, 128 (V4-Flash shape,
 NVFP4), CUDA-graph timed, one table per kernel. Knobs (kernels.moe._compiled): token tiles of 8
-per pass over the weights, 128-wide K blocks loaded per round, warps splitting rows and K per CTA.
+per pass over the weights, 128-wide K blocks loaded per round, warps splitting rows and K per CTA,
+a register bound (CTAs per SM), and for L1 the w1 and w3 rows in separate warps.
 
-    python -m bench.moe_tiles [--quick] [--n-tiles 1,2] [--k-unrolls 1,2] [--warps-m 2,4] [--warps-k 1,2,4] [--min-ctas 0,5,6]
+    python -m bench.moe_tiles [--quick] [--n-tiles 1,2] [--k-unrolls 1,2] [--warps-m 2,4]
+                              [--warps-k 1,2,4] [--min-ctas 0,5,6] [--split-halves 0,1]
 """
 import itertools
 
@@ -18,7 +20,8 @@ TOKENS = (1, 8, 32, 128)
 N_TILES, K_UNROLLS, WARPS_M, WARPS_K = (1, 2), (1, 2), (2, 4), (1, 2, 4)  # the mma kernel's; gemv has one
 
 
-def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K, min_ctas=(None,)):
+def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K, min_ctas=(None,),
+         split_halves=(False,)):
     require_gpu()
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, "nvfp4")
@@ -33,15 +36,18 @@ def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K,
                     torch.randn(t * k, inter, device="cuda").half(), torch.empty(t * k, hidden, device="cuda"),
                     torch.empty(t * k, inter, dtype=torch.float16, device="cuda"))
     for gated in (True, False):
-        print(f"\n| {'L1' if gated else 'L2'}: token tiles | K blocks per round | warps (rows x K) | min CTAs per SM | "
+        print(f"\n| {'L1' if gated else 'L2'}: token tiles | K blocks per round | warps (rows x K) | min CTAs per SM "
+              "| halves in separate warps | "
               + " | ".join(f"T={t} ms" for t in TOKENS) + " |")
-        print("|---" * (4 + len(TOKENS)) + "|")
-        variants = [("gemv", None, None, None, None, None)]
-        variants += [("mma", *v) for v in itertools.product(n_tiles, k_unrolls, warps_m, warps_k, min_ctas)]
-        for kind, tiles, unroll, wm, wk, ctas in variants:
+        print("|---" * (5 + len(TOKENS)) + "|")
+        variants = [("gemv", None, None, None, None, None, False)]
+        variants += [("mma", *v) for v in itertools.product(n_tiles, k_unrolls, warps_m, warps_k, min_ctas,
+                                                             split_halves if gated else (False,))
+                     if not (v[-1] and v[3] > 1)]  # split halves exclude K splitting
+        for kind, tiles, unroll, wm, wk, ctas, split in variants:
             fn = (_compiled(gated, 16, arch, "gemv", top_k=k, swiglu_limit=10.0) if kind == "gemv" else
                   _compiled(gated, 16, arch, "mma", tiles, unroll, wk, top_k=k, swiglu_limit=10.0, warps_m=wm,
-                            min_ctas=ctas))
+                            min_ctas=ctas, split_halves=split))
             times = []
             for t in TOKENS:
                 xp, rw, d, h, y, h_out = cases[t]
@@ -51,7 +57,8 @@ def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K,
                 else:
                     run = lambda: fn(_vecs(h), _vecs(st.w2), st.s2, st.g2.view(-1, 1), rw, *common, y)
                 times.append(graph_time(run, 10))
-            knobs = f"| {kind} {tiles or ''} | {unroll or ''} | {f'{wm} x {wk}' if wm else ''} | {'default' if ctas is None else ctas} | "
+            knobs = (f"| {kind} {tiles or ''} | {unroll or ''} | {f'{wm} x {wk}' if wm else ''} | "
+                     f"{'default' if ctas is None else ctas} | {'yes' if split else ''} | ")
             print(knobs + " | ".join(f"{v:.3f}" for v in times) + " |", flush=True)
 
 
@@ -69,8 +76,9 @@ if __name__ == "__main__":
     p.add_argument("--warps-k", type=ints, default=WARPS_K)
     p.add_argument("--min-ctas", type=ints, default=(None,),
                    help="register bound: CTAs per SM (0: none; default: kernels.moe's choice)")
+    p.add_argument("--split-halves", type=ints, default=(0,), help="L1: 0 and/or 1 (w1 and w3 rows in separate warps)")
     a = p.parse_args()
     if a.quick:
         main(n_tiles=(1,), k_unrolls=(1, 2), warps_m=(4,), warps_k=(1, 4))
     else:
-        main(a.n_tiles, a.k_unrolls, a.warps_m, a.warps_k, a.min_ctas)
+        main(a.n_tiles, a.k_unrolls, a.warps_m, a.warps_k, a.min_ctas, tuple(bool(v) for v in a.split_halves))

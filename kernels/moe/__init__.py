@@ -34,19 +34,23 @@ __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "uns
 @functools.cache
 def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: int = 1, k_unroll: int = 2,
               warps_k: int = 1, top_k: int = 1, swiglu_limit: float = 0.0, warps_m: int = 4,
-              min_ctas: int | None = None):
+              min_ctas: int | None = None, split_halves: bool = False):
     """One compiled grouped GEMM per static configuration; every size is a runtime value.
     kind "gemv": the SIMT kernel (kernels.moe.w4a16_sm90), for about one token per expert.
     kind "mma": the tensor-core kernel (kernels.moe.w4a16_mma_sm90); its knobs: token tiles of 8
     per pass over the weights, 128-wide K blocks per load round, warps splitting K and warps
     splitting rows per CTA, and a register bound of `min_ctas` CTAs per SM (None: L2_MIN_CTAS for
-    the ungated kernel with one token tile and no K splitting, else none). top_k and swiglu_limit matter to L1 (gated) only."""
+    the ungated kernel with one token tile and no K splitting, else none), and for L1 whether
+    w1 and w3 rows go to separate warps (`split_halves`, not with K splitting; compiled and not yet
+    measured, so gemm_config does not pick it). top_k and swiglu_limit matter to L1 (gated) only."""
     import cutlass
 
     from . import w4a16_mma_sm90, w4a16_sm90
 
     if not gated:
-        top_k, swiglu_limit = 1, 0.0  # unused: one compiled L2 serves every MoE and dense layer
+        top_k, swiglu_limit, split_halves = 1, 0.0, False  # one compiled L2 serves every MoE and dense layer
+    if split_halves and warps_k != 1:
+        raise ValueError("split_halves and K splitting (warps_k > 1) do not combine")
     args = (fake(cutlass.Int32, None, None, 4), fake(cutlass.Int32, None, None, None, 4), fake(cutlass.Uint8, None, None, None),
             fake(cutlass.Float32, None, 2 if gated else 1), fake(cutlass.Float32, None), fake(cutlass.Int32, None),
             fake(cutlass.Int32, None), fake(cutlass.Int32, None), fake(cutlass.Int32, 1),
@@ -59,7 +63,7 @@ def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: in
         tiles = (simt.WARPS, simt.ROWS_L1 if gated else simt.ROWS_L2, simt.TOKEN_TILE)
         return compile_tvm_ffi(simt.grouped_gemv, args, (*common, *tiles))
     return compile_tvm_ffi(w4a16_mma_sm90.grouped_mma, args, (*common, warps_m, warps_k, n_tiles, k_unroll,
-                                                              min_ctas))
+                                                              min_ctas, split_halves))
 
 
 GEMV_MAX_TOKENS = 1.25  # per expert: up to here the SIMT kernel is faster (H200 sweep, bench/NOTES.md)

@@ -164,6 +164,7 @@ def _grouped_mma_kernel(
     warps_k: cutlass.Constexpr,
     n_tiles: cutlass.Constexpr,
     k_unroll: cutlass.Constexpr,
+    split_halves: cutlass.Constexpr,
 ):
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
@@ -171,16 +172,18 @@ def _grouped_mma_kernel(
     g = lane // 4
     t = lane % 4
     wm = warp % warps_m   # this warp's 16 rows within the CTA's
-    wk = warp // warps_m  # and its K-slice
+    wk = warp // warps_m  # and its K-slice, or with split_halves its half (0: w1, 1: w3)
     n_out = out.shape[1]
     n0 = (bx * warps_m + wm) * ROWS  # first of this warp's 16 output rows (n_out is a multiple of 16)
     nvfp4 = group == 16
     halves = 2 if gated else 1
+    warp_halves = 1 if split_halves else halves  # the halves one warp computes
     n_acc = n_tiles * halves * 4
+    slices = 2 if split_halves else warps_k      # warps per 16-row group
     # NVFP4: [E, N, K/32] 16-bit words, a lane's 2 scale bytes per K block; MXFP4: the bytes, 1 per lane
     lane_scales = cute.recast_tensor(scales, cutlass.Uint16) if cutlass.const_expr(nvfp4) else scales
     smem = cutlass.memory.SmemAllocator()
-    partial = smem.allocate_tensor(Float32, cute.make_layout((warps_k, warps_m, n_acc, 32)), 16)
+    partial = smem.allocate_tensor(Float32, cute.make_layout((slices, warps_m, n_acc, 32)), 16)
     if by < num_active[0] and n0 < n_out:  # uniform per CTA when warps_m divides n_out / 16 (the host checks)
         e = active_experts[by]
         s0 = active_start[by]
@@ -197,15 +200,26 @@ def _grouped_mma_kernel(
                     xrow[j] = slot
             acc = cute.make_rmem_tensor((n_tiles, halves, 4), Float32)
             acc.fill(0.0)
-            wq = cute.make_rmem_tensor((k_unroll, halves, 2, 4), Int32)
-            sc = cute.make_rmem_tensor((k_unroll, halves, 2, 2), Int32)
+            wq = cute.make_rmem_tensor((k_unroll, warp_halves, 2, 4), Int32)
+            sc = cute.make_rmem_tensor((k_unroll, warp_halves, 2, 2), Int32)
             xq = cute.make_rmem_tensor((k_unroll, n_tiles, 4, 4), Int32)
             # Every load of a round first (bytes in flight), then its MMAs. (Prefetching the next
             # round into a second register buffer was slower on an H200: register pressure.)
-            for kb in cutlass.range(wk * k_unroll, n_kb, warps_k * k_unroll, unroll=1):
-                _load_round(w_vecs, lane_scales, x_vecs, e, n0 + g, n_out, xrow, kb, t, wq, sc, xq, nvfp4, halves,
+            row0 = n0 + g + (wk * n_out if cutlass.const_expr(split_halves) else 0)
+            k_slice = 0 if cutlass.const_expr(split_halves) else wk
+            for kb in cutlass.range(k_slice * k_unroll, n_kb, warps_k * k_unroll, unroll=1):
+                _load_round(w_vecs, lane_scales, x_vecs, e, row0, n_out, xrow, kb, t, wq, sc, xq, nvfp4, warp_halves,
                             n_tiles, k_unroll)
-                _mma_round(wq, sc, xq, acc, nvfp4, halves, n_tiles, k_unroll)
+                _mma_round(wq, sc, xq, acc, nvfp4, warp_halves, n_tiles, k_unroll)
+            if cutlass.const_expr(split_halves):
+                # The w3 warp hands its sums (in its acc[:, 0]) to the w1 warp of the same rows.
+                if wk == 1:
+                    for i in cutlass.range_constexpr(n_tiles * 4):
+                        partial[1, wm, i, lane] = acc[i // 4, 0, i % 4]
+                cute.arch.sync_threads()
+                if wk == 0:
+                    for i in cutlass.range_constexpr(n_tiles * 4):
+                        acc[i // 4, 1, i % 4] = partial[1, wm, i, lane]
             if cutlass.const_expr(warps_k > 1):
                 # K-slices other than the first hand their partial sums over in shared memory;
                 # the first adds them in slice order (deterministic).
@@ -230,7 +244,7 @@ def _grouped_mma_kernel(
                             store_output(out, slot, n0 + g + 8 * (i // 2), acc[j, 0, i], acc[j, up, i],
                                          gscale[e, 0] * correction, gscale[e, up] * correction, route_w[slot],
                                          gated, swiglu_limit)
-            if cutlass.const_expr(warps_k > 1):
+            if cutlass.const_expr(slices > 1):
                 cute.arch.sync_threads()  # the partials are read before the next token tile writes them
 
 
@@ -238,14 +252,17 @@ def _grouped_mma_kernel(
 def grouped_mma(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_experts, active_start, num_active,
                 out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
                 swiglu_limit: cutlass.Constexpr, warps_m: cutlass.Constexpr, warps_k: cutlass.Constexpr,
-                n_tiles: cutlass.Constexpr, k_unroll: cutlass.Constexpr, min_ctas: cutlass.Constexpr = 0):
-    """min_ctas > 0: ask ptxas for registers that fit that many CTAs per SM (more warps in flight)."""
+                n_tiles: cutlass.Constexpr, k_unroll: cutlass.Constexpr, min_ctas: cutlass.Constexpr = 0,
+                split_halves: cutlass.Constexpr = False):
+    """min_ctas > 0: ask ptxas for registers that fit that many CTAs per SM (more warps in flight).
+    split_halves (gated, warps_k == 1): the w1 and w3 rows of each 16-row group go to two warps,
+    each holding half the weight registers; the w3 warp's sums reach the epilogue through shared memory."""
     rows = out.shape[1]
     _grouped_mma_kernel(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_experts, active_start,
                         num_active, out, top_k, group, gated, swiglu_limit, warps_m, warps_k, n_tiles,
-                        k_unroll).launch(
+                        k_unroll, split_halves).launch(
         grid=[(rows + warps_m * ROWS - 1) // (warps_m * ROWS), active_experts.shape[0], 1],
-        block=[32 * warps_m * warps_k, 1, 1],
+        block=[32 * warps_m * (2 if split_halves else warps_k), 1, 1],
         stream=stream,
         min_blocks_per_mp=min_ctas,
         preferred_smem_carveout=25 if min_ctas else None)  # set: the DSL would ask a GPU for the maximum

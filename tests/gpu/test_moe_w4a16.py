@@ -136,3 +136,27 @@ def test_kernels_loaded_from_the_disk_cache_compute_what_compiled_ones_do(tmp_pa
     assert "compiled grouped_mma" in runs[0][0] and "loaded grouped_mma" in runs[1][0]
     assert "compiled" not in runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("fmt_name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("t", [3, 40, 256])
+def test_l1_with_halves_in_separate_warps_gives_the_same_h(fmt_name, t):
+    """The split_halves L1 variant (w1 and w3 rows in two warps, the w3 sums handed over in shared
+    memory) runs each half's MMAs in the same order as the default one: h bit for bit the same."""
+    from kernels.cute_compile import target_arch
+    from kernels.moe import _compiled, _vecs, dispatch_fused, pair_order
+    hidden, inter, n_exp, k = SHAPES["flash"]
+    st = random_stacked(hidden, inter, n_exp, fmt_name, seed=t)
+    group = 16 if fmt_name == "nvfp4" else 32
+    x = torch.randn(t, hidden, device="cuda", generator=torch.Generator(device="cuda").manual_seed(t))
+    w, ids = routing(t, n_exp, k, seed=t)
+    d = dispatch_fused(ids, n_exp)
+    hs = []
+    for split in (False, True):
+        kernel = _compiled(True, group, target_arch(x.device), "mma", 1, 2, 1, top_k=k, swiglu_limit=10.0,
+                           split_halves=split)
+        h = torch.full((t * k, inter), float("nan"), dtype=torch.float16, device="cuda")
+        kernel(_vecs(pair_order(x)), _vecs(st.w13), st.s13, st.g13, w.reshape(-1).float().contiguous(),
+               d.sorted_slots, d.active_experts, d.active_start, d.num_active, h)
+        hs.append(h)
+    assert not hs[0].isnan().any() and torch.equal(hs[0], hs[1])

@@ -96,6 +96,16 @@ def test_every_kernel_variant_compiles_for_sm90a():
     assert f"compiled {2 * per_format} variants" in out
 
 
+def test_l1_variant_with_halves_in_separate_warps_compiles_for_sm90a():
+    """Not picked by gemm_config yet (not measured on a GPU); compiled here so it stays buildable."""
+    out = compile_for("sm_90a", "from kernels.moe import _compiled\n"
+                                "for group in (16, 32):\n"
+                                "    _compiled(True, group, 'sm_90a', 'mma', 1, 2, 1, top_k=6, swiglu_limit=10.0,"
+                                " split_halves=True)\n"
+                                "print('compiled split halves')\n", timeout=600)
+    assert "compiled split halves" in out
+
+
 def test_dispatch_kernel_compiles_for_sm90a():
     out = compile_for("sm_90a", "from kernels.moe import _compiled_dispatch\n"
                                 "_compiled_dispatch(256, 'sm_90a'); _compiled_dispatch(384, 'sm_90a')\n"
