@@ -473,8 +473,11 @@ class DeepseekV4:
             raise ValueError(f"position {int(pos.max())} exceeds the state's max_len {state.max_len}")
 
     def _positions(self, input_ids: torch.Tensor, start_pos) -> torch.Tensor:
+        """[B, S] positions: start_pos is one start for every row, or one per row."""
         start = torch.as_tensor(start_pos, dtype=torch.long, device=self.device).reshape(-1, 1)
-        return start + torch.arange(input_ids.shape[1], device=self.device)
+        if start.shape[0] not in (1, input_ids.shape[0]):
+            raise ValueError(f"start_pos has {start.shape[0]} entries for {input_ids.shape[0]} sequences")
+        return start.expand(input_ids.shape[0], 1) + torch.arange(input_ids.shape[1], device=self.device)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, start_pos, slots, state: ModelState,

@@ -6,8 +6,9 @@ Kernels compile once per static configuration with every size symbolic. Each com
 $DSV4_CACHE_DIR/cute-dsl or ~/.cache/deepseek-v4-triton/cute-dsl), keyed by the sources of
 `kernels/`, the argument specs, the constants, the target and the CuTe DSL version; a later
 process loads it instead of compiling (CuTe DSL's own file cache skips `cute.compile`d functions;
-CUTE_DSL_DISABLE_FILE_CACHING=1 turns ours off too). Compile before any CUDA-graph capture:
-compiling cannot happen inside one.
+CUTE_DSL_DISABLE_FILE_CACHING=1 turns ours off too). Past $DSV4_COMPILE_CACHE_MB (default 256),
+the least recently used entries are removed. Compile before any CUDA-graph capture: compiling
+cannot happen inside one.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def compile_tvm_ffi(entry, args: tuple, constants: tuple = ()):
     if use_disk and path.exists():
         try:
             fn = getattr(load_module(str(path), enable_tvm_ffi=True), symbol)
+            os.utime(path)  # recently used: kept when the cache is pruned
             log.info("[deepseek_v4] loaded %s %s from the compile cache in %.2f s", entry.__name__, constants,
                      time.perf_counter() - start)
             return fn
@@ -102,5 +104,22 @@ def _write_cache_entry(fn, path: Path, symbol: str) -> None:
         partial = path.with_name(f"{path.stem}.{os.getpid()}.o")  # then renamed: readers never see half a file
         fn.export_to_c(str(partial), function_name=symbol)
         os.replace(partial, path)
+        prune_cache(path.parent, keep=path)
     except Exception as exc:
         log.warning("[deepseek_v4] could not write the compile cache entry %s: %s: %s", path, type(exc).__name__, exc)
+
+
+def prune_cache(directory: Path, keep: Path | None = None) -> None:
+    """Keep the cache under $DSV4_COMPILE_CACHE_MB (default 256): the least recently used entries
+    go first. Every change to kernels/ keys a new set of entries (about 50 KB each), so without
+    this the directory only grows."""
+    limit = float(os.environ.get("DSV4_COMPILE_CACHE_MB", "256")) * 2**20
+    entries = sorted(directory.glob("*.o"), key=lambda p: p.stat().st_mtime)  # oldest first
+    total = sum(p.stat().st_size for p in entries)
+    for entry in entries:
+        if total <= limit:
+            break
+        if entry == keep:
+            continue
+        total -= entry.stat().st_size
+        entry.unlink(missing_ok=True)

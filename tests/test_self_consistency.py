@@ -110,3 +110,14 @@ def test_slots_do_not_interfere(make_checkpoint):
     _decode_path(model, other, 20, slot=1, state=state)
     beside, _ = _decode_path(model, ids, 5, slot=0, state=state)
     assert torch.equal(alone, beside)
+
+
+def test_a_batched_prefill_takes_one_start_for_all_rows_or_one_per_row(make_checkpoint):
+    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
+    model = DeepseekV4(ck.args, ck.weights, simulate_qat=False)
+    ids = torch.cat([_tokens(ck.args.vocab_size, 9, seed=s) for s in (6, 7)])
+    shared, _ = model.forward(ids, 0, [0, 1], model.new_state(2, 64))
+    per_row, _ = model.forward(ids, [0, 0], [0, 1], model.new_state(2, 64))
+    assert torch.equal(shared, per_row)
+    with pytest.raises(ValueError, match="start_pos has 3 entries for 2 sequences"):
+        model.forward(ids, [0, 0, 0], [0, 1], model.new_state(2, 64))

@@ -27,3 +27,21 @@ def test_a_restart_loads_the_compiled_kernels_from_disk(tmp_path):
     damaged = compile_for("sm_90a", CODE.format(experts=256), cache_dir=str(tmp_path))
     assert "unusable" in damaged and "compiled dispatch_launch (256,)" in damaged
     assert Path(entries[0]).stat().st_size > 1000  # replaced by a good entry
+
+
+def test_the_cache_keeps_the_recently_used_entries_under_its_size_limit(tmp_path, monkeypatch):
+    import os
+
+    from kernels.cute_compile import prune_cache
+    entries = []
+    for i in range(6):  # 100 KB each, used in order 0..5
+        entry = tmp_path / f"kernel-{i}.o"
+        entry.write_bytes(bytes(100 * 1024))
+        os.utime(entry, (1000 + i, 1000 + i))
+        entries.append(entry)
+    os.utime(entries[1], (2000, 2000))  # loaded again lately
+    (tmp_path / "notes.txt").write_text("not an entry")
+    monkeypatch.setenv("DSV4_COMPILE_CACHE_MB", str(350 / 1024))  # room for 3 entries
+    prune_cache(tmp_path, keep=entries[0])  # just written: kept however old its time
+    assert sorted(p.name for p in tmp_path.glob("*.o")) == ["kernel-0.o", "kernel-1.o", "kernel-5.o"]
+    assert (tmp_path / "notes.txt").exists()
