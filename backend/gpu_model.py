@@ -45,8 +45,14 @@ def split_experts(weights: dict) -> tuple[dict, dict]:
     return rest, stacks
 
 
+# The attention's pure-torch pieces (backend.model): dozens of small kernels per layer eagerly,
+# which bound the decode step at small batch; torch.compile fuses each into a few.
+COMPILED_PIECES = ("query_heads", "kv_entry", "window", "attend", "compressor_step", "index_scores", "index_select")
+
+
 class DeepseekV4Gpu(DeepseekV4):
-    def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True, device="cuda"):
+    def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True, device="cuda",
+                 compile_attention: bool = False):
         rest, stacks = split_experts(weights)  # routed experts' MXFP4 scales are checked when stacked
         for name, w in rest.items():
             if isinstance(w, Mxfp4Weight):  # a dense MXFP4 linear runs on the same W4A16 kernels
@@ -55,6 +61,20 @@ class DeepseekV4Gpu(DeepseekV4):
         super().__init__(args, rest, simulate_qat=simulate_qat, dtype=torch.float32, device=device)
         self.stacks = {prefix: s.to(self.device) for prefix, s in stacks.items()}
         self.w["head.weight"] = head.to(self.device, torch.bfloat16)  # 1 GB in BF16 for V4: not widened
+        self._decoding = False
+        if compile_attention:
+            # Weights are arguments, so all layers share one compiled graph per piece; dynamic
+            # shapes, so the batch sizes of the graph ladder share it too (size 1 specializes).
+            # Decode steps only: prefill stays eager (its entry write has data-dependent shapes).
+            for name in COMPILED_PIECES:
+                setattr(self, name, self._for_decode(getattr(self, name), torch.compile(getattr(self, name), dynamic=True)))
+
+    def _for_decode(self, eager, compiled):
+        return lambda *args: compiled(*args) if self._decoding else eager(*args)
+
+    def forward(self, input_ids: torch.Tensor, start_pos, slots, state: ModelState, all_logits: bool = False):
+        self._decoding = input_ids.shape[1] == 1
+        return super().forward(input_ids, start_pos, slots, state, all_logits)
 
     def mix_coefficients(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor):
         if dispatch.backend(self.device) == "twin":

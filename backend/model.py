@@ -281,16 +281,24 @@ class DeepseekV4:
     # --- compressor ----------------------------------------------------------------------
     def compress(self, prefix: str, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
                  st: CompressorState, ratio: int, head_dim: int, rotate: bool) -> None:
-        """Feed S tokens to a compressor; every `ratio`-th token emits one entry into st.entries.
-        x: [B, S, D]; pos: [B, S]. Token p is written to its window row; when (p+1) % ratio == 0
-        the window is pooled (softmax over rows of score + ape, per channel) into entry p // ratio,
-        normalized, rotated at the window's first position and QAT-rounded."""
+        """Feed S tokens to a compressor; every `ratio`-th token emits one entry into st.entries
+        (compressor_step, with this compressor's weights)."""
+        self.compressor_step(x, pos, slots, st.kv, st.score, st.entries, self.w[f"{prefix}wkv.weight"],
+                             self.w[f"{prefix}wgate.weight"], self.w[f"{prefix}ape"], self.w[f"{prefix}norm.weight"],
+                             ratio, head_dim, rotate)
+
+    def compressor_step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_state_all: torch.Tensor,
+                        score_state_all: torch.Tensor, entries: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor,
+                        ape: torch.Tensor, norm: torch.Tensor, ratio: int, head_dim: int, rotate: bool) -> None:
+        """x: [B, S, D]; pos: [B, S]; the state tensors are updated in place. Token p is written to
+        its window row; when (p+1) % ratio == 0 the window is pooled (softmax over rows of score +
+        ape, per channel) into entry p // ratio, normalized, rotated at the window's first position
+        and QAT-rounded."""
         overlap, d = ratio == 4, head_dim
-        kv_all = self.plain_linear(x, f"{prefix}wkv.weight")       # [B, S, coff*d] fp32
-        score_all = self.plain_linear(x, f"{prefix}wgate.weight")
-        ape = self.w[f"{prefix}ape"]                               # [ratio, coff*d]
+        kv_all = F.linear(wide(x), wkv)                            # [B, S, coff*d] fp32
+        score_all = F.linear(wide(x), wgate)                       # ape: [ratio, coff*d]
         rows = torch.arange(x.shape[0], device=x.device)
-        kv_state, score_state = st.kv[slots], st.score[slots]      # local copies, written back below
+        kv_state, score_state = kv_state_all[slots], score_state_all[slots]  # local copies, written back below
         pooled = []
         for t in range(x.shape[1]):
             p = pos[:, t]
@@ -307,17 +315,16 @@ class DeepseekV4:
                 done = ((p + 1) % ratio == 0).view(-1, 1, 1)
                 kv_state = torch.where(done, kv_state.roll(-ratio, dims=1), kv_state)
                 score_state = torch.where(done, score_state.roll(-ratio, dims=1), score_state)
-        st.kv[slots], st.score[slots] = kv_state, score_state
+        kv_state_all[slots], score_state_all[slots] = kv_state, score_state
 
-        entry = rms_norm(torch.stack(pooled, dim=1).to(self.dtype), self.w[f"{prefix}norm.weight"],
-                         self.args.rms_norm_eps)                   # [B, S, d]
+        entry = rms_norm(torch.stack(pooled, dim=1).to(self.dtype), norm, self.args.rms_norm_eps)  # [B, S, d]
         entry = apply_rope(entry, pos + 1 - ratio, self.freqs[True], self.args.qk_rope_head_dim)
         if self.simulate_qat:
             if rotate:
                 entry = fp4_qdq(entry @ self._hadamard, INDEXER_QAT_BLOCK)
             else:
                 entry = self._kv_qat(entry)
-        self.write_entries(st, slots, pos, entry, ratio)
+        self.write_entries(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
 
     def write_entries(self, st: CompressorState, slots: torch.Tensor, pos: torch.Tensor, entry: torch.Tensor,
                       ratio: int) -> None:
@@ -337,59 +344,87 @@ class DeepseekV4:
         """Lightning indexer: which compressed entries each query attends. -> mask [B, S, C]."""
         a = self.args
         q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (-1, a.index_head_dim))  # heads held here
+        self.compress(f"{prefix}compressor.", x, pos, slots, st, 4, a.index_head_dim, rotate=True)
+        scores = self.index_scores(q, x, st.entries[slots], self.w[f"{prefix}weights_proj.weight"], pos)
+        return self.index_select(self.reduce_partial(scores), pos)
+
+    def index_scores(self, q: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, weights_proj: torch.Tensor,
+                     pos: torch.Tensor) -> torch.Tensor:
+        """The index heads' (held here) weighted ReLU scores of the compressed keys [B, C, Di] -> [B, S, C].
+        q: [B, S, Hi, Di] before RoPE."""
+        a = self.args
         q = apply_rope(q, pos, self.freqs[True], a.qk_rope_head_dim)
         if self.simulate_qat:
             q = fp4_qdq(q @ self._hadamard, INDEXER_QAT_BLOCK)
-        self.compress(f"{prefix}compressor.", x, pos, slots, st, 4, a.index_head_dim, rotate=True)
-        keys = st.entries[slots]                                                  # [B, C, Di]
-        weights = self.plain_linear(x, f"{prefix}weights_proj.weight") * (
-            a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)                   # [B, S, Hi]
+        weights = F.linear(wide(x), weights_proj) * (a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)  # [B, S, Hi]
         scores = torch.einsum("bshd,bcd->bshc", wide(q), wide(keys)).relu()
-        scores = self.reduce_partial((scores * weights.unsqueeze(-1)).sum(2))    # [B, S, C]
-        valid = torch.arange(keys.shape[1], device=x.device) < ((pos + 1) // 4).unsqueeze(-1)
+        return (scores * weights.unsqueeze(-1)).sum(2)
+
+    def index_select(self, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The top `index_topk` of the entries each query may see (those emitted so far) -> mask [B, S, C]."""
+        valid = torch.arange(scores.shape[-1], device=scores.device) < ((pos + 1) // 4).unsqueeze(-1)
         scores = scores.masked_fill(~valid, float("-inf"))
-        return stable_topk_mask(scores, min(a.index_topk, keys.shape[1]))
+        return stable_topk_mask(scores, min(self.args.index_topk, scores.shape[-1]))
 
     # --- attention -----------------------------------------------------------------------
     def attention(self, prefix: str, layer: int, x, pos, slots, st: LayerState) -> torch.Tensor:
         """x: [B, S, D] -> [B, S, D]. Keys: the sliding window (ring + new tokens) and, on
         compressed layers, the compressed entries (all so far for HCA, the indexer's pick for CSA)."""
         a = self.args
-        ratio, rd, win = a.compress_ratio(layer), a.qk_rope_head_dim, a.sliding_window
+        ratio, win = a.compress_ratio(layer), a.sliding_window
         freqs = self.freqs[ratio > 0]
         p = f"{prefix}attn."
         qr = rms_norm(self.linear(x, f"{p}wq_a"), self.w[f"{p}q_norm.weight"], a.rms_norm_eps)
-        q = self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim))          # heads held here
-        q = apply_rope(rms_norm(q, None, a.rms_norm_eps), pos, freqs, rd)
-        kv = rms_norm(self.linear(x, f"{p}wkv"), self.w[f"{p}kv_norm.weight"], a.rms_norm_eps)
-        kv = apply_rope(kv, pos, freqs, rd)
-        if self.simulate_qat:
-            kv = self._kv_qat(kv)
-
-        # Sliding window: the ring as it was before these tokens, then the new tokens.
-        last = (pos[:, 0] - 1).unsqueeze(1)                                    # [B, 1]
-        ring_pos = last - (last - torch.arange(win, device=x.device)) % win    # [B, win]
-        keys = torch.cat([st.ring[slots], kv], dim=1)
-        key_pos = torch.cat([ring_pos, pos], dim=1)
-        qp = pos.unsqueeze(-1)
-        mask = (key_pos.unsqueeze(1) >= 0) & (key_pos.unsqueeze(1) <= qp) & (key_pos.unsqueeze(1) > qp - win)
+        q = self.query_heads(self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim)), pos, freqs)
+        kv = self.kv_entry(self.linear(x, f"{p}wkv"), self.w[f"{p}kv_norm.weight"], pos, freqs)
+        window, window_mask = self.window(st.ring[slots], kv, pos)
         tail = min(x.shape[1], win)  # only the last `win` tokens survive in the ring
         st.ring[slots.unsqueeze(1), pos[:, -tail:] % win] = kv[:, -tail:]
 
+        entries = comp_mask = None
         if ratio:
             self.compress(f"{p}compressor.", x, pos, slots, st.compressor, ratio, a.head_dim, rotate=False)
             entries = st.compressor.entries[slots]                               # [B, C, hd]
             comp_mask = torch.arange(entries.shape[1], device=x.device) < ((pos + 1) // ratio).unsqueeze(-1)
             if ratio == 4:
                 comp_mask = comp_mask & self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer)
-            keys = torch.cat([keys, entries], dim=1)
-            mask = torch.cat([mask, comp_mask], dim=-1)
-
-        o = sparse_attention(q, keys, mask, self.w[f"{p}attn_sink"], a.head_dim ** -0.5)
-        o = apply_rope(o, pos, freqs, rd, inverse=True)
+        o = self.attend(q, window, window_mask, entries, comp_mask, self.w[f"{p}attn_sink"], pos, freqs)
         # Grouped output projection: block-diagonal wo_a (one [o_lora, H*hd/G] block per group).
         o = o.flatten(2).unflatten(-1, (-1, a.num_attention_heads * a.head_dim // a.o_groups))  # [B, S, G, H*hd/G]
         return self.reduce_partial(self.linear(self.grouped_linear(o, f"{p}wo_a").flatten(2), f"{p}wo_b"))
+
+    # The attention's pure-torch pieces between the linears: one function each, with the weights
+    # as arguments, so a subclass can compile them (backend.gpu_model) and every layer shares it.
+    def query_heads(self, q: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """Queries [B, S, H, hd]: per-head unweighted RMSNorm, then RoPE."""
+        a = self.args
+        return apply_rope(rms_norm(q, None, a.rms_norm_eps), pos, freqs, a.qk_rope_head_dim)
+
+    def kv_entry(self, kv: torch.Tensor, norm: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """The shared K=V head [B, S, hd]: RMSNorm, RoPE, and the KV cache's FP8 QAT rounding."""
+        a = self.args
+        kv = apply_rope(rms_norm(kv, norm, a.rms_norm_eps), pos, freqs, a.qk_rope_head_dim)
+        return self._kv_qat(kv) if self.simulate_qat else kv
+
+    def window(self, ring: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor):
+        """Sliding-window keys: the ring [B, win, hd] as it was before these tokens, then the new
+        tokens -> keys [B, win + S, hd] and the mask [B, S, win + S] of those each query sees."""
+        win = self.args.sliding_window
+        last = (pos[:, 0] - 1).unsqueeze(1)                                    # [B, 1]
+        ring_pos = last - (last - torch.arange(win, device=kv.device)) % win  # [B, win]
+        key_pos = torch.cat([ring_pos, pos], dim=1).unsqueeze(1)
+        qp = pos.unsqueeze(-1)
+        return torch.cat([ring, kv], dim=1), (key_pos >= 0) & (key_pos <= qp) & (key_pos > qp - win)
+
+    def attend(self, q, window, window_mask, entries, comp_mask, sink, pos, freqs) -> torch.Tensor:
+        """Sparse MQA over the window and (compressed layers) the compressed entries, then the
+        inverse RoPE of the output -> [B, S, H, hd]."""
+        a = self.args
+        keys, mask = window, window_mask
+        if entries is not None:
+            keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, comp_mask], dim=-1)
+        o = sparse_attention(q, keys, mask, sink, a.head_dim ** -0.5)
+        return apply_rope(o, pos, freqs, a.qk_rope_head_dim, inverse=True)
 
     def grouped_linear(self, o: torch.Tensor, name: str) -> torch.Tensor:
         """o: [B, S, G, K] through the block-diagonal weight `name` [G*R, K] -> [B, S, G, R]."""

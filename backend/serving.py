@@ -89,7 +89,7 @@ def output_arrays(out: RequestOutput, text: str, token_ids: list[int]) -> dict[s
     }
 
 
-_BOOL_PARAMS = ("simulate_qat", "kernels", "cuda_graphs")
+_BOOL_PARAMS = ("simulate_qat", "kernels", "cuda_graphs", "compile_attention")
 _INT_PARAMS = ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk", "decode_prompt_tokens")
 
 

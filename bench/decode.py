@@ -1,11 +1,12 @@
 """Decode-step benchmark (GPU, one run): the model on the kernel runners, CUDA-graph replay vs eager,
 per layer, against the weight-bytes floor of the step.
 
-    python -m bench.decode [--layers 4] [--batch 1,8,32,128] [--flavor nvidia-nvfp4]
+    python -m bench.decode [--layers 4] [--batch 1,8,32,128] [--flavor nvidia-nvfp4] [--compile-attention]
 
 A flash-shaped checkpoint (real V4-Flash widths, `--layers` layers) is generated on the GPU. The floor
 is the bytes one step must read (every non-expert weight of the layers, the distinct routed experts
 the batch's routing picks, the head), at the bandwidth bench.timing.stream_read measures in this run.
+--compile-attention: the attention's torch pieces through torch.compile (DeepseekV4Gpu's option).
 """
 import argparse
 import tempfile
@@ -32,14 +33,17 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", default="1,8,32,128")
     p.add_argument("--flavor", default="nvidia-nvfp4")
+    p.add_argument("--compile-attention", action="store_true")
     a = p.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         path = generate(f"{tmp}/ckpt", flavor=a.flavor, size="flash-shaped", layers=a.layers, device="cuda")
         ck = load_checkpoint(path)
-        model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda")
+        model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda",
+                              compile_attention=a.compile_attention)
         print(f"GPU: {torch.cuda.get_device_name()}; flash-shaped {a.flavor}, {a.layers} layers, "
+              f"attention pieces {'compiled' if a.compile_attention else 'eager'}, "
               f"ready in {time.perf_counter() - start:.0f} s")
     args = ck.args
     # Bytes as the checkpoint ships them (the model widens small plain tensors to fp32).
@@ -56,11 +60,13 @@ def main():
     torch.cuda.synchronize()
     bandwidth = 10 * big.numel() * 4 / (time.perf_counter() - t0)
     print(f"streaming read: {bandwidth / 1e12:.2f} TB/s; non-expert weights + head {dense / 1e6:.0f} MB")
-    print("| batch | graph ms/step | eager ms/step | eager / graph | graph per layer ms | floor ms | graph / floor |")
-    print("|---|---|---|---|---|---|---|")
     max_b = max(batches)
     state = model.new_state(max_b + 1, 256, with_mtp=False)
+    start = time.perf_counter()
     graphs = DecodeGraphs(model, state, max_batch=max_b, scratch_slot=max_b)
+    print(f"graphs captured in {time.perf_counter() - start:.1f} s (torch.compile included)", flush=True)
+    print("| batch | graph ms/step | eager ms/step | eager / graph | graph per layer ms | floor ms | graph / floor |")
+    print("|---|---|---|---|---|---|---|")
     for b in batches:
         tokens = torch.randint(2, 4000, (b,)).tolist()
         positions = [17] * b

@@ -38,7 +38,8 @@ class ModelRunner:
         on_kernels = self.device.type == "cuda" and config.kernels
         if on_kernels:
             from ..gpu_model import DeepseekV4Gpu
-            self.model = DeepseekV4Gpu(ckpt.args, ckpt.weights, simulate_qat=config.simulate_qat, device=self.device)
+            self.model = DeepseekV4Gpu(ckpt.args, ckpt.weights, simulate_qat=config.simulate_qat, device=self.device,
+                                       compile_attention=config.compile_attention)
         else:
             self.model = DeepseekV4(ckpt.args, ckpt.weights, simulate_qat=config.simulate_qat, device=self.device)
         # One slot more than sequences: the scratch slot that padded graph rows decode into.

@@ -59,11 +59,13 @@ def test_runner_model_tracks_the_reference(flavor, make_checkpoint):
           f"steps within 2e-2 {sum(r <= 2e-2 for r in rels)}/33; greedy agreement {agree}/{33 * 4}")
 
 
-def test_graph_decode_is_eager_decode(make_checkpoint):
+@pytest.mark.parametrize("compile_attention", [False, True])
+def test_graph_decode_is_eager_decode(make_checkpoint, compile_attention):
     """Three sequences decode 16 steps from the batch-4 graph (one padded row in the scratch slot)
-    and eagerly: the same tokens and logits, so replay recomputes on every new input."""
+    and eagerly: the same tokens and logits, so replay recomputes on every new input; also with the
+    attention pieces through torch.compile (captured inside the graph)."""
     ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
-    model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda")
+    model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda", compile_attention=compile_attention)
     prompts = _prompts(ck.args.vocab_size)[:3]
     eager_state, graph_state = model.new_state(5, 96, with_mtp=False), model.new_state(5, 96, with_mtp=False)
     le = _prefill(model, eager_state, prompts)
