@@ -45,9 +45,11 @@ def split_experts(weights: dict) -> tuple[dict, dict]:
     return rest, stacks
 
 
-# The attention's pure-torch pieces (backend.model): dozens of small kernels per layer eagerly,
-# which bound the decode step at small batch; torch.compile fuses each into a few.
-COMPILED_PIECES = ("query_heads", "kv_entry", "window", "attend", "compressor_step", "index_scores", "index_select")
+# The pure-torch pieces between the runners (backend.model: attention side, mHC mixing, norms,
+# routing): dozens of small kernels per layer eagerly, which bound the decode step at small
+# batch; torch.compile fuses each into a few.
+COMPILED_PIECES = ("query_heads", "kv_entry", "window", "attend", "compressor_step", "index_scores", "index_select",
+                   "hc_mixes", "sublayer_input", "hc_post", "routing")
 
 
 class DeepseekV4Gpu(DeepseekV4):

@@ -245,20 +245,23 @@ class DeepseekV4:
             x = x.to(torch.float16).to(x.dtype)  # the W4A16 runners' activation format
         return linear_ref(x, self.w[name], quantize_input=self.simulate_qat)
 
-    def plain_linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """A BF16 linear kept in fp32 math (gate, compressor, weights_proj), DeepSeek-style."""
-        return F.linear(wide(x), self.w[name])
-
     # --- mHC -----------------------------------------------------------------------------
     def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
-        """x: [B, S, hc, D] -> block input [B, S, D], post [B, S, hc], comb [B, S, hc, hc]."""
-        a = self.args
-        flat = wide(x.flatten(2))
-        mixes = F.linear(flat, self.w[f"{prefix}hc_{which}_fn"])
-        mixes = mixes * torch.rsqrt(flat.square().mean(-1, keepdim=True) + a.rms_norm_eps)
+        """x: [B, S, hc, D] -> the sublayer's input [B, S, D] (streams mixed by `pre`, then its
+        RMSNorm `{which}_norm`), post [B, S, hc], comb [B, S, hc, hc]."""
+        mixes = self.hc_mixes(x, self.w[f"{prefix}hc_{which}_fn"])
         pre, post, comb = self.mix_coefficients(mixes, self.w[f"{prefix}hc_{which}_scale"],
                                                 self.w[f"{prefix}hc_{which}_base"])
-        return (pre.unsqueeze(-1) * wide(x)).sum(2).to(x.dtype), post, comb
+        return self.sublayer_input(x, pre, self.w[f"{prefix}{which}_norm.weight"]), post, comb
+
+    def hc_mixes(self, x: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+        """The streams [B, S, hc, D] projected to the mHC mixes, RMS-normalized -> [B, S, (2+hc)*hc]."""
+        flat = wide(x.flatten(2))
+        return F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.args.rms_norm_eps)
+
+    def sublayer_input(self, x: torch.Tensor, pre: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """sum_k pre_k * stream_k, then RMSNorm: [B, S, hc, D] -> [B, S, D]."""
+        return rms_norm((pre.unsqueeze(-1) * wide(x)).sum(2).to(x.dtype), norm, self.args.rms_norm_eps)
 
     def mix_coefficients(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor):
         a = self.args
@@ -272,9 +275,7 @@ class DeepseekV4:
 
     def hc_head(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         """Final stream collapse (sigmoid pre-mix, no Sinkhorn). [B, S, hc, D] -> [B, S, D]."""
-        flat = wide(x.flatten(2))
-        mixes = F.linear(flat, self.w[f"{prefix}hc_head_fn"])
-        mixes = mixes * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.args.rms_norm_eps)
+        mixes = self.hc_mixes(x, self.w[f"{prefix}hc_head_fn"])
         pre = torch.sigmoid(mixes * self.w[f"{prefix}hc_head_scale"] + self.w[f"{prefix}hc_head_base"])
         return ((pre + self.args.hc_eps).unsqueeze(-1) * wide(x)).sum(2).to(x.dtype)
 
@@ -436,12 +437,20 @@ class DeepseekV4:
     # --- MoE -----------------------------------------------------------------------------
     def route(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool):
         """x: [T, D] -> weights [T, k] (normalized, times routed_scaling_factor), experts [T, k]."""
+        choice = self.w[f"{prefix}gate.tid2eid"] if hashed else self.w[f"{prefix}gate.bias"]
+        return self.routing(x, self.w[f"{prefix}gate.weight"], choice, input_ids, hashed)
+
+    def routing(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, input_ids: torch.Tensor,
+                hashed: bool):
+        """sqrt(softplus) scores (the BF16 gate in fp32 math, as the compressors' and the indexer's
+        small linears, DeepSeek-style); experts from the token's row of the hash table `choice`
+        (hash layers) or the top-k of scores + bias `choice`."""
         a = self.args
-        scores = F.softplus(self.plain_linear(x, f"{prefix}gate.weight")).sqrt()   # [T, E] fp32
+        scores = F.softplus(F.linear(wide(x), gate)).sqrt()                        # [T, E] fp32
         if hashed:
-            experts = self.w[f"{prefix}gate.tid2eid"][input_ids].long()
+            experts = choice[input_ids].long()
         else:
-            experts = (scores + self.w[f"{prefix}gate.bias"]).topk(a.num_experts_per_tok, dim=-1).indices
+            experts = (scores + choice).topk(a.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, experts)
         return weights / weights.sum(-1, keepdim=True) * a.routed_scaling_factor, experts
 
@@ -486,13 +495,10 @@ class DeepseekV4:
     # --- blocks and the whole model --------------------------------------------------------
     def block(self, prefix: str, layer: int, h, input_ids, pos, slots, st: LayerState, hashed: bool):
         """One transformer block on the streams h: [B, S, hc, D]."""
-        eps = self.args.rms_norm_eps
         x, post, comb = self.hc_pre(h, prefix, "attn")
-        x = self.attention(prefix, layer, rms_norm(x, self.w[f"{prefix}attn_norm.weight"], eps), pos, slots, st)
-        h = self.hc_post(x, h, post, comb)
+        h = self.hc_post(self.attention(prefix, layer, x, pos, slots, st), h, post, comb)
         x, post, comb = self.hc_pre(h, prefix, "ffn")
-        x = self.moe(prefix, rms_norm(x, self.w[f"{prefix}ffn_norm.weight"], eps), input_ids, hashed)
-        return self.hc_post(x, h, post, comb)
+        return self.hc_post(self.moe(prefix, x, input_ids, hashed), h, post, comb)
 
     def logits(self, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
         x = rms_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"], self.args.rms_norm_eps)

@@ -18,7 +18,7 @@ class EngineConfig:
     simulate_qat: bool = False      # the reference model's QAT simulation (see backend.model)
     kernels: bool = True            # on CUDA: the model on the kernel runners (backend.gpu_model)
     cuda_graphs: bool = True        # on CUDA with kernels: decode from pre-captured graphs
-    compile_attention: bool = False  # on CUDA with kernels: the attention's torch pieces via torch.compile
+    compile_attention: bool = False  # on CUDA with kernels: the torch pieces between runners via torch.compile
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk"):
