@@ -185,9 +185,8 @@ def engine(tmp_path_factory):
     e.shutdown()
 
 
-def test_engine_batched_equals_alone_and_frees_slots(engine):
-    cases = [("a b c " * (i + 1), SamplingParams(max_tokens=6 + i, temperature=0.0 if i % 2 else 0.9, seed=i))
-             for i in range(6)]  # more requests than slots: they queue, join and leave
+def _generate_concurrently(engine, cases) -> list[dict]:
+    """Every (prompt, params) case at once, one thread each -> the results in case order."""
     results = [None] * len(cases)
 
     def run(i):
@@ -197,6 +196,13 @@ def test_engine_batched_equals_alone_and_frees_slots(engine):
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def test_engine_batched_equals_alone_and_frees_slots(engine):
+    cases = [("a b c " * (i + 1), SamplingParams(max_tokens=6 + i, temperature=0.0 if i % 2 else 0.9, seed=i))
+             for i in range(6)]  # more requests than slots: they queue, join and leave
+    results = _generate_concurrently(engine, cases)
     for i, case in enumerate(cases):
         assert results[i]["token_ids"] == engine.generate(*case)["token_ids"], i
         assert results[i]["finish_reason"] == "length"
@@ -206,7 +212,6 @@ def test_engine_batched_equals_alone_and_frees_slots(engine):
 def test_prompts_fed_through_decode_steps_give_the_tokens_of_prefill_chunks(engine):
     """The same requests, concurrently, with short prompts riding in the decode steps: the same
     tokens as with prefill chunks, sampled ones included (a rider's generator must not advance)."""
-    from backend.engine import EngineConfig
     cases = [("a b c " * (i + 1), SamplingParams(max_tokens=5, temperature=0.0 if i % 2 else 0.9, seed=i))
              for i in range(4)]
     lengths = [len(engine.encode(prompt)) for prompt, _ in cases]
@@ -216,15 +221,7 @@ def test_prompts_fed_through_decode_steps_give_the_tokens_of_prefill_chunks(engi
     assert riding.scheduler.decode_prompt_tokens == 8 and engine.scheduler.decode_prompt_tokens == 0
     riding.start()
     try:
-        results = [None] * len(cases)
-
-        def run(i):
-            results[i] = riding.generate(*cases[i])
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _generate_concurrently(riding, cases)
     finally:
         riding.shutdown()
     for i, case in enumerate(cases):
