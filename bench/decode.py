@@ -1,14 +1,16 @@
 """Decode-step benchmark (GPU, one run): the model on the kernel runners, CUDA-graph replay vs eager,
 per layer, against the weight-bytes floor of the step.
 
-    python -m bench.decode [--layers 4] [--batch 1,8,32,128] [--flavor nvidia-nvfp4] [--compile-attention]
+    python -m bench.decode [--layers 4] [--batch 1,8,32,128] [--flavor nvidia-nvfp4] [--pieces eager,compiled]
 
 A flash-shaped checkpoint (real V4-Flash widths, `--layers` layers) is generated on the GPU. The floor
 is the bytes one step must read (every non-expert weight of the layers, the distinct routed experts
 the batch's routing picks, the head), at the bandwidth bench.timing.stream_read measures in this run.
---compile-attention: the attention's torch pieces through torch.compile (DeepseekV4Gpu's option).
+--pieces: one table per choice for the torch pieces between the runners: "eager", and/or "compiled"
+(through torch.compile: DeepseekV4Gpu's compile_attention), each on the same checkpoint.
 """
 import argparse
+import re
 import tempfile
 import time
 
@@ -16,7 +18,7 @@ import torch
 
 from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
-from backend.gpu_model import DeepseekV4Gpu, split_experts
+from backend.gpu_model import DeepseekV4Gpu
 from backend.synthetic import generate
 from bench.timing import require_gpu, stream_read
 
@@ -33,23 +35,34 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", default="1,8,32,128")
     p.add_argument("--flavor", default="nvidia-nvfp4")
-    p.add_argument("--compile-attention", action="store_true")
+    p.add_argument("--pieces", default="eager", help="eager and/or compiled, comma-separated")
     a = p.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         path = generate(f"{tmp}/ckpt", flavor=a.flavor, size="flash-shaped", layers=a.layers, device="cuda")
         ck = load_checkpoint(path)
-        model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda",
-                              compile_attention=a.compile_attention)
         print(f"GPU: {torch.cuda.get_device_name()}; flash-shaped {a.flavor}, {a.layers} layers, "
-              f"attention pieces {'compiled' if a.compile_attention else 'eager'}, "
-              f"ready in {time.perf_counter() - start:.0f} s")
-    args = ck.args
+              f"checkpoint ready in {time.perf_counter() - start:.0f} s")
     # Bytes as the checkpoint ships them (the model widens small plain tensors to fp32).
-    rest, _ = split_experts({n: w for n, w in ck.weights.items() if n.startswith("layers.")})
-    dense = sum(nbytes(w) for w in rest.values()) + nbytes(ck.weights["head.weight"])
-    expert_bytes = sum(nbytes(s) // s.num_experts for k, s in model.stacks.items() if k.startswith("layers."))
+    layers = {n: w for n, w in ck.weights.items() if n.startswith("layers.")}
+    dense = sum(nbytes(w) for n, w in layers.items() if ".ffn.experts." not in n) + nbytes(ck.weights["head.weight"])
+    expert_bytes = sum(nbytes(w) for n, w in layers.items() if re.search(r"\.ffn\.experts\.0\.w[123]$", n))  # one per layer
+    bandwidth = measure_bandwidth()
+    print(f"streaming read: {bandwidth / 1e12:.2f} TB/s; non-expert weights + head {dense / 1e6:.0f} MB")
+    for pieces in a.pieces.split(","):
+        if pieces not in ("eager", "compiled"):
+            raise SystemExit(f"--pieces: expected eager and/or compiled, got {pieces!r}")
+        start = time.perf_counter()
+        model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda",
+                              compile_attention=pieces == "compiled")
+        print(f"\ntorch pieces {pieces}: model on the GPU in {time.perf_counter() - start:.0f} s")
+        measure(model, batches, dense, expert_bytes, bandwidth)
+        del model
+        torch.cuda.empty_cache()
+
+
+def measure_bandwidth() -> float:
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").view(torch.int32)
     for _ in range(3):
         stream_read(big)
@@ -58,8 +71,11 @@ def main():
     for _ in range(10):
         stream_read(big)
     torch.cuda.synchronize()
-    bandwidth = 10 * big.numel() * 4 / (time.perf_counter() - t0)
-    print(f"streaming read: {bandwidth / 1e12:.2f} TB/s; non-expert weights + head {dense / 1e6:.0f} MB")
+    return 10 * big.numel() * 4 / (time.perf_counter() - t0)
+
+
+def measure(model: DeepseekV4Gpu, batches: list[int], dense: int, expert_bytes: int, bandwidth: float) -> None:
+    args = model.args
     max_b = max(batches)
     state = model.new_state(max_b + 1, 256, with_mtp=False)
     start = time.perf_counter()

@@ -83,7 +83,12 @@ def main() -> None:
     p.add_argument("--tokens", default="1,8,32,128,512,2048")
     p.add_argument("--fmt", default="nvfp4", choices=("nvfp4", "mxfp4"))
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--l1-halves", choices=("split", "joined"), default="split",
+                   help="L1's w1 and w3 rows in separate warps (the default, kernels.moe.L1_SPLIT_HALVES) or in one")
     a = p.parse_args()
+    import kernels.moe
+    kernels.moe.L1_SPLIT_HALVES = a.l1_halves == "split"
+    print(f"L1: w1 and w3 rows in {'separate warps' if kernels.moe.L1_SPLIT_HALVES else 'one warp'}")
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for shape in a.shapes.split(","):
         run(shape, [int(t) for t in a.tokens.split(",")], a.fmt, a.iters)

@@ -5,7 +5,7 @@ streaming. Prints output tokens/s and per-token latency per concurrency, the ser
 against the in-process engine, and the start-up times: the first server start compiles every
 kernel into an empty compile cache, the engine and the second start load them.
 
-    python -m bench.serve_gpu [--layers 4] [--concurrency 1,8,32] [--max-tokens 32]
+    python -m bench.serve_gpu [--layers 4] [--concurrency 1,8,32] [--max-tokens 32] [--compile-attention]
 """
 import argparse
 import gc
@@ -45,12 +45,13 @@ class BusyLines(logging.Handler):
             self.lines.append(record.getMessage())
 
 
-def engine_run(path, concurrency, max_tokens, max_num_seqs):
+def engine_run(path, concurrency, max_tokens, max_num_seqs, compile_attention):
     busy = BusyLines()
     logging.getLogger("deepseek_v4").addHandler(busy)
     logging.getLogger("deepseek_v4").setLevel(logging.INFO)
     start = time.perf_counter()
-    engine = LLMEngine(EngineConfig(checkpoint=str(path), device="cuda", max_num_seqs=max_num_seqs, max_model_len=256))
+    engine = LLMEngine(EngineConfig(checkpoint=str(path), device="cuda", max_num_seqs=max_num_seqs, max_model_len=256,
+                                    compile_attention=compile_attention))
     engine.start()
     ready = time.perf_counter() - start
     rates = {}
@@ -85,7 +86,7 @@ def stream_text(url: str, prompt: str) -> str:
     return "".join(e.get("text_output", "") for e in events)
 
 
-def repository(path, max_num_seqs) -> Path:
+def repository(path, max_num_seqs, compile_attention) -> Path:
     repo = Path(tempfile.mkdtemp(prefix="gpu-repo-"))
     shutil.copytree(DEFAULT_REPOSITORY, repo, dirs_exist_ok=True)
     cfg = repo / "deepseek_v4" / "config.pbtxt"
@@ -93,6 +94,8 @@ def repository(path, max_num_seqs) -> Path:
     text = text.replace('{ key: "checkpoint", value: { string_value: "" } }', f'{{ key: "checkpoint", value: {{ string_value: "{path}" }} }}')
     text = re.sub(r'(key: "max_num_seqs", value: { string_value: )"\d+"', rf'\1"{max_num_seqs}"', text)
     text = re.sub(r'(key: "max_model_len", value: { string_value: )"\d+"', r'\1"256"', text)
+    text = re.sub(r'(key: "compile_attention", value: { string_value: )"\w+"', rf'\1"{str(compile_attention).lower()}"',
+                  text)
     cfg.write_text(text)
     return repo
 
@@ -103,6 +106,7 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--compile-attention", action="store_true", help="the torch pieces via torch.compile (engine setting)")
     a = p.parse_args()
     conc = [int(c) for c in a.concurrency.split(",")]
     max_seqs = max(conc)
@@ -119,8 +123,9 @@ def run(a, conc, max_seqs, work: Path):
     cache = work / "compile-cache"
     os.environ["CUTE_DSL_CACHE_DIR"] = str(cache)
     path = generate(work / "ckpt", flavor="nvidia-nvfp4", size="flash-shaped", layers=a.layers, device="cuda")
-    print(f"GPU: {torch.cuda.get_device_name()}; flash-shaped nvidia-nvfp4, {a.layers} layers", flush=True)
-    repo = repository(path, max_seqs)
+    print(f"GPU: {torch.cuda.get_device_name()}; flash-shaped nvidia-nvfp4, {a.layers} layers, "
+          f"torch pieces {'compiled' if a.compile_attention else 'eager'}", flush=True)
+    repo = repository(path, max_seqs, a.compile_attention)
     data = work / "input.json"
     write_input_data(data, PROMPTS, ClientParams(max_tokens=a.max_tokens, min_tokens=a.max_tokens, temperature=0.0))
     cmd, env = perf_analyzer()
@@ -132,7 +137,7 @@ def run(a, conc, max_seqs, work: Path):
               f"({len(list(cache.glob('*.o')))} kernels in the cache)", flush=True)
         if attempt.startswith("first"):
             server.stop()
-            engine_ready, engine_rates = engine_run(path, conc, a.max_tokens, max_seqs)
+            engine_ready, engine_rates = engine_run(path, conc, a.max_tokens, max_seqs, a.compile_attention)
             print(f"engine in-process: ready in {engine_ready:.1f} s (warm compile cache)", flush=True)
             continue
         try:

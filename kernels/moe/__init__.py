@@ -41,8 +41,8 @@ def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: in
     per pass over the weights, 128-wide K blocks per load round, warps splitting K and warps
     splitting rows per CTA, and a register bound of `min_ctas` CTAs per SM (None: L2_MIN_CTAS for
     the ungated kernel with one token tile and no K splitting, else none), and for L1 whether
-    w1 and w3 rows go to separate warps (`split_halves`, not with K splitting; compiled and not yet
-    measured, so gemm_config does not pick it). top_k and swiglu_limit matter to L1 (gated) only."""
+    w1 and w3 rows go to separate warps (`split_halves`, not with K splitting). top_k and
+    swiglu_limit matter to L1 (gated) only."""
     import cutlass
 
     from . import w4a16_mma_sm90, w4a16_sm90
@@ -75,6 +75,13 @@ SPLIT_K_WARPS = 4
 # L1 kernel (116 registers) spills under any bound, more token tiles need more registers, and
 # K-split CTAs (16 warps) fit only 2 per SM.
 L2_MIN_CTAS = 6
+# The gated L1 kernel with both halves (w1, w3) of a 16-row group in one warp needs 116 registers
+# and spills under any bound. With the halves in two warps of an 8-warp CTA (the w3 warp hands its
+# sums over in shared memory) and a bound of 3 CTAs per SM (80 registers), L1 takes 19% less at
+# T = 128 and the whole MoE 11-17% less at T = 32 / 128 on an H200 (bench/NOTES.md). Not with K
+# splitting. bench.moe_w4a16 --l1-halves joined measures the other way.
+L1_SPLIT_HALVES = True
+L1_MIN_CTAS = 3
 FEW_ROW_TILES = 132 * 4  # fewer (expert, 16-row) tiles than this leave an H100/H200's memory idle
 
 
@@ -84,22 +91,30 @@ def expected_active_experts(tokens: int, top_k: int, num_experts: int) -> float:
     return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
 
 
-def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int) -> dict:
+def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int, gated: bool = False) -> dict:
     """The compiled variant for one launch: `groups` (expert) GEMMs of [rows, k] weights, each
-    with about `tokens_per_group` tokens (static per CUDA graph: it follows from the batch size)."""
+    with about `tokens_per_group` tokens (static per CUDA graph: it follows from the batch size);
+    gated: the L1 kernel (w1||w3 and the SwiGLU)."""
     if tokens_per_group <= GEMV_MAX_TOKENS:
         return dict(kind="gemv")
     # enough token tiles of 8 for the expected tokens (more passes re-read the weights; more
     # tiles spend registers and MMAs on absent tokens)
     n_tiles = next((n for n in N_TILE_CHOICES if 8 * n >= tokens_per_group), N_TILE_CHOICES[-1])
-    return dict(kind="mma", n_tiles=n_tiles, k_unroll=2 if k % 256 == 0 else 1,
-                # split K between warps only when the launch has too few row tiles to fill the GPU
-                warps_k=SPLIT_K_WARPS if groups * rows / 16 < FEW_ROW_TILES else 1)
+    # split K between warps only when the launch has too few row tiles to fill the GPU
+    warps_k = SPLIT_K_WARPS if groups * rows / 16 < FEW_ROW_TILES else 1
+    return dict(kind="mma", **_mma_knobs(n_tiles, 2 if k % 256 == 0 else 1, warps_k, gated))
 
 
-def mma_variants():
+def _mma_knobs(n_tiles: int, k_unroll: int, warps_k: int, gated: bool) -> dict:
+    knobs = dict(n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k)
+    if gated and L1_SPLIT_HALVES and warps_k == 1:
+        knobs.update(split_halves=True, min_ctas=L1_MIN_CTAS)
+    return knobs
+
+
+def mma_variants(gated: bool = False):
     """Every tensor-core variant gemm_config can return."""
-    return [dict(n_tiles=n, k_unroll=u, warps_k=w)
+    return [_mma_knobs(n, u, w, gated)
             for n, u, w in itertools.product(N_TILE_CHOICES, K_UNROLL_CHOICES, (1, SPLIT_K_WARPS))]
 
 
@@ -107,7 +122,7 @@ def moe_kernels(stacked: StackedExperts, tokens: int, top_k: int, swiglu_limit: 
     """The compiled (L1, L2) kernels moe_w4a16 runs for a batch of `tokens` on these experts."""
     active = expected_active_experts(tokens, top_k, stacked.num_experts)
     per_expert = tokens * top_k / active
-    l1 = _compiled(True, stacked.group, arch, **gemm_config(per_expert, active, stacked.inter, stacked.hidden),
+    l1 = _compiled(True, stacked.group, arch, **gemm_config(per_expert, active, stacked.inter, stacked.hidden, gated=True),
                    top_k=top_k, swiglu_limit=swiglu_limit)
     l2 = _compiled(False, stacked.group, arch, **gemm_config(per_expert, active, stacked.hidden, stacked.inter))
     return l1, l2
@@ -142,7 +157,7 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
     arch = target_arch(device or ("cuda" if torch.cuda.is_available() else None))
     for gated in (True, False):
         _compiled(gated, group, arch, "gemv", top_k=top_k, swiglu_limit=swiglu_limit)
-        for knobs in mma_variants():
+        for knobs in mma_variants(gated):
             _compiled(gated, group, arch, "mma", top_k=top_k, swiglu_limit=swiglu_limit, **knobs)
     if num_experts is not None:
         _compiled_dispatch(num_experts, arch)

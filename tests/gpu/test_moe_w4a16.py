@@ -142,9 +142,10 @@ def test_kernels_loaded_from_the_disk_cache_compute_what_compiled_ones_do(tmp_pa
 @pytest.mark.parametrize("t", [3, 40, 256])
 def test_l1_with_halves_in_separate_warps_gives_the_same_h(fmt_name, t):
     """The split_halves L1 variant (w1 and w3 rows in two warps, the w3 sums handed over in shared
-    memory) runs each half's MMAs in the same order as the default one: h bit for bit the same."""
+    memory; the default, with its register bound) runs each half's MMAs in the same order as the
+    joined one: h bit for bit the same."""
     from kernels.cute_compile import target_arch
-    from kernels.moe import _compiled, _vecs, dispatch_fused, pair_order
+    from kernels.moe import L1_MIN_CTAS, _compiled, _vecs, dispatch_fused, pair_order
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, fmt_name, seed=t)
     group = 16 if fmt_name == "nvfp4" else 32
@@ -154,7 +155,7 @@ def test_l1_with_halves_in_separate_warps_gives_the_same_h(fmt_name, t):
     hs = []
     for split in (False, True):
         kernel = _compiled(True, group, target_arch(x.device), "mma", 1, 2, 1, top_k=k, swiglu_limit=10.0,
-                           split_halves=split)
+                           split_halves=split, min_ctas=L1_MIN_CTAS if split else 0)
         h = torch.full((t * k, inter), float("nan"), dtype=torch.float16, device="cuda")
         kernel(_vecs(pair_order(x)), _vecs(st.w13), st.s13, st.g13, w.reshape(-1).float().contiguous(),
                d.sorted_slots, d.active_experts, d.active_start, d.num_active, h)

@@ -96,16 +96,6 @@ def test_every_kernel_variant_compiles_for_sm90a():
     assert f"compiled {2 * per_format} variants" in out
 
 
-def test_l1_variant_with_halves_in_separate_warps_compiles_for_sm90a():
-    """Not picked by gemm_config yet (not measured on a GPU); compiled here so it stays buildable."""
-    out = compile_for("sm_90a", "from kernels.moe import _compiled\n"
-                                "for group in (16, 32):\n"
-                                "    _compiled(True, group, 'sm_90a', 'mma', 1, 2, 1, top_k=6, swiglu_limit=10.0,"
-                                " split_halves=True)\n"
-                                "print('compiled split halves')\n", timeout=600)
-    assert "compiled split halves" in out
-
-
 def test_dispatch_kernel_compiles_for_sm90a():
     out = compile_for("sm_90a", "from kernels.moe import _compiled_dispatch\n"
                                 "_compiled_dispatch(256, 'sm_90a'); _compiled_dispatch(384, 'sm_90a')\n"
@@ -135,9 +125,12 @@ def test_kernel_variant_follows_the_expected_tokens_per_expert():
     assert gemm_config(1.0, 6, 2048, 4096) == {"kind": "gemv"}
     big = gemm_config(3.1, 244, 2048, 4096)
     assert big == {"kind": "mma", "n_tiles": 1, "k_unroll": 2, "warps_k": 1}
+    assert gemm_config(3.1, 244, 2048, 4096, gated=True) == dict(big, split_halves=True, min_ctas=3)  # L1
+    assert "split_halves" not in gemm_config(8, 1, 1024, 128, gated=True)  # not with K splitting
     assert gemm_config(40, 256, 4096, 2048)["n_tiles"] == 4
     assert gemm_config(8, 1, 1024, 128) == {"kind": "mma", "n_tiles": 1, "k_unroll": 1, "warps_k": 4}  # few row tiles
     from kernels.moe import mma_variants
     for args in ((3.1, 244, 2048, 4096), (40, 256, 4096, 2048), (8, 1, 1024, 128), (20, 1, 7168, 256)):
-        knobs = dict(gemm_config(*args))
-        assert knobs.pop("kind") == "mma" and knobs in mma_variants()  # compile_kernels compiles it
+        for gated in (True, False):
+            knobs = dict(gemm_config(*args, gated=gated))
+            assert knobs.pop("kind") == "mma" and knobs in mma_variants(gated)  # compile_kernels compiles it
