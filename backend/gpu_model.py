@@ -68,6 +68,10 @@ class DeepseekV4Gpu(DeepseekV4):
             # Weights are arguments, so all layers share one compiled graph per piece; dynamic
             # shapes, so the batch sizes of the graph ladder share it too (size 1 specializes).
             # Decode steps only: prefill stays eager (its entry write has data-dependent shapes).
+            # A piece still compiles once per value of its int arguments (the compressor: ratio,
+            # head dim, rotation) and per coincidence of sizes; past Dynamo's default limit of 8 it
+            # would run eagerly (seen on an H200 for the compressor), so the limit is raised.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for name in COMPILED_PIECES:
                 setattr(self, name, self._for_decode(getattr(self, name), torch.compile(getattr(self, name), dynamic=True)))
 

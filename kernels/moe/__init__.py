@@ -78,8 +78,9 @@ L2_MIN_CTAS = 6
 # The gated L1 kernel with both halves (w1, w3) of a 16-row group in one warp needs 116 registers
 # and spills under any bound. With the halves in two warps of an 8-warp CTA (the w3 warp hands its
 # sums over in shared memory) and a bound of 3 CTAs per SM (80 registers), L1 takes 19% less at
-# T = 128 and the whole MoE 11-17% less at T = 32 / 128 on an H200 (bench/NOTES.md). Not with K
-# splitting. bench.moe_w4a16 --l1-halves joined measures the other way.
+# T = 128 and the whole MoE 11-17% less at T = 32 / 128 on an H200 (bench/NOTES.md). Only with one
+# token tile: with 2 or 4 the bound spills (40 / 64 bytes of stack) and the MoE was 10-18% slower
+# at T = 512 / 2048. Not with K splitting. bench.moe_w4a16 --l1-halves joined measures the other way.
 L1_SPLIT_HALVES = True
 L1_MIN_CTAS = 3
 FEW_ROW_TILES = 132 * 4  # fewer (expert, 16-row) tiles than this leave an H100/H200's memory idle
@@ -107,7 +108,7 @@ def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int, gated: 
 
 def _mma_knobs(n_tiles: int, k_unroll: int, warps_k: int, gated: bool) -> dict:
     knobs = dict(n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k)
-    if gated and L1_SPLIT_HALVES and warps_k == 1:
+    if gated and L1_SPLIT_HALVES and warps_k == 1 and n_tiles == 1:
         knobs.update(split_halves=True, min_ctas=L1_MIN_CTAS)
     return knobs
 

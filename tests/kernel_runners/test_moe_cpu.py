@@ -128,6 +128,7 @@ def test_kernel_variant_follows_the_expected_tokens_per_expert():
     assert gemm_config(3.1, 244, 2048, 4096, gated=True) == dict(big, split_halves=True, min_ctas=3)  # L1
     assert "split_halves" not in gemm_config(8, 1, 1024, 128, gated=True)  # not with K splitting
     assert gemm_config(40, 256, 4096, 2048)["n_tiles"] == 4
+    assert "split_halves" not in gemm_config(40, 256, 4096, 2048, gated=True)  # the bound would spill
     assert gemm_config(8, 1, 1024, 128) == {"kind": "mma", "n_tiles": 1, "k_unroll": 1, "warps_k": 4}  # few row tiles
     from kernels.moe import mma_variants
     for args in ((3.1, 244, 2048, 4096), (40, 256, 4096, 2048), (8, 1, 1024, 128), (20, 1, 7168, 256)):
