@@ -11,11 +11,9 @@ import argparse
 
 import torch
 
-from bench.timing import cold_graph_time, require_gpu, stream_read
+from bench.timing import cold_graph_time, l2_defeat_copies, require_gpu, stream_read
 from kernels.linear import fp8_plan, linear_fp8, quantize_rows_fp8
 from tests.gpu.test_linear_fp8 import SHAPES, random_tokens, random_weight
-
-L2_DEFEAT_BYTES = 256 << 20
 
 
 def main():
@@ -36,7 +34,7 @@ def main():
     for name in a.shapes.split(","):
         rows, k, groups = SHAPES[name]
         w0 = random_weight(rows, k, g)
-        copies = max(2, min(32, L2_DEFEAT_BYTES // w0.weight.numel()))
+        copies = l2_defeat_copies(w0.weight.numel() + w0.scale.numel() * w0.scale.element_size())
         ws = [w0] + [type(w0)(w0.weight.clone(), w0.scale.clone()) for _ in range(copies - 1)]
         bf16 = [w.dequantize().bfloat16() for w in ws[: max(2, copies // 2)]]  # twice the bytes per copy
         flats = [torch.cat([w.weight.view(torch.uint8).view(-1), w.scale.view(torch.uint8).view(-1)]) for w in ws]

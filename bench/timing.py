@@ -56,6 +56,14 @@ def graph_time(fn, iters: int) -> float:
     return _median_replay_ms(graph, iters)
 
 
+L2_DEFEAT_BYTES = 256 << 20  # five times an H100/H200's 50 MB L2
+
+
+def l2_defeat_copies(weight_bytes: int) -> int:
+    """How many copies of a weight cold_graph_time should cycle through so that none is still in L2."""
+    return max(2, min(256, L2_DEFEAT_BYTES // weight_bytes))
+
+
 def cold_graph_time(calls, rounds: int = 4, iters: int = 5) -> float:
     """Median ms per call of `calls` (a list of functions, each on its own copy of the weights, whose
     bytes together exceed the L2 cache), captured `rounds` times over in one CUDA graph. A decode

@@ -53,17 +53,18 @@ def linear(x: torch.Tensor, weight, out_dtype: torch.dtype | None = None, groups
         if kind == "sm90":  # one launch for all groups
             return lin.linear_fp8(x.contiguous(), weight, groups, out_dtype=out_dtype)
         return lin.linear_fp8_ref(x, weight, groups).to(out_dtype)
+    w4a16 = isinstance(weight, Mxfp4Weight) or (isinstance(weight, Nvfp4Weight) and kind != "sm100")
+    if w4a16:
+        if kind in ("sm90", "sm100"):  # one launch for all groups
+            return lin.linear_w4a16(x.contiguous(), weight, groups).to(out_dtype)
+        return lin.linear_w4a16_ref(x, weight, groups).to(out_dtype)
     if groups > 1:
         k, r = x.shape[1] // groups, weight.shape[0] // groups
         return torch.cat([linear(x[:, i * k:(i + 1) * k], slice_rows(weight, i * r, (i + 1) * r), out_dtype)
                           for i in range(groups)], dim=-1)
-    if isinstance(weight, Nvfp4Weight) and kind == "sm100":
-        y = lin.linear_w4a4(x.to(torch.bfloat16).contiguous(), weight)
-    elif isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
-        y = lin.linear_w4a16(x.contiguous(), weight) if kind in ("sm90", "sm100") else lin.linear_w4a16_ref(x, weight)
-    else:
-        return F.linear(x, weight.to(x.dtype)).to(out_dtype)
-    return y.to(out_dtype)
+    if isinstance(weight, Nvfp4Weight):  # on sm100
+        return lin.linear_w4a4(x.to(torch.bfloat16).contiguous(), weight).to(out_dtype)
+    return F.linear(x, weight.to(x.dtype)).to(out_dtype)
 
 
 def moe(x, weights, experts, stacked, swiglu_limit: float) -> torch.Tensor:

@@ -65,16 +65,12 @@ def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
-    """decode_e2m1(encode_e2m1(x)) in float32, bit for bit (ties to even, saturating, the sign kept
-    on zero), from comparisons with Python scalars only: no lookup table, so it compiles into one
-    fused kernel and captures in a CUDA graph without a host-to-device copy."""
+    """decode_e2m1(encode_e2m1(x)) in float32, bit for bit, from comparisons with Python scalars only:
+    no lookup table, so it fuses when compiled and captures in a CUDA graph (no host-to-device copy)."""
     x = x.float()
-    mag = x.abs()
-    rounded = torch.zeros_like(mag)
-    for j, mid in enumerate(_E2M1_MIDPOINTS):
-        step = E2M1_MAGNITUDES[j + 1] - E2M1_MAGNITUDES[j]
-        # past midpoint j the value moves up a code; on it, only if that makes the code even
-        rounded = rounded + torch.where(mag >= mid if j % 2 else mag > mid, step, 0.0)
+    mag, steps = x.abs(), [b - a for a, b in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])]
+    # past midpoint j the value moves up a code; on it, only if that makes the code even (odd j)
+    rounded = sum(torch.where(mag >= mid if j % 2 else mag > mid, steps[j], 0.0) for j, mid in enumerate(_E2M1_MIDPOINTS))
     return torch.copysign(rounded, x)
 
 

@@ -13,8 +13,8 @@ GPU runners (CuTe DSL), each with its twin; the checkpoint's bytes are used in p
 - `linear_fp8(x, weight, groups)`: FP8 block-128 GEMM (wgmma, sm_90a) after an on-device activation
   quantizer (`quantize_rows_fp8`); `groups` > 1 is the block-diagonal wo_a as one batched GEMM.
   Twin: `linear_fp8_ref`.
-- `linear_w4a16(x, weight)`: dense NVFP4/MXFP4, the MoE grouped kernel with one group (kernels.moe).
-  Twin: `linear_w4a16_ref`.
+- `linear_w4a16(x, weight, groups)`: dense NVFP4/MXFP4 on the MoE's grouped kernel (kernels.moe), one
+  group per dense layer, or the wo_a groups as experts in one launch. Twin: `linear_w4a16_ref`.
 - `linear_w4a4(x, weight)`: Blackwell NVFP4 x NVFP4 (activations quantized on the fly with the
   weight's `input_scale`), COMPILE-VERIFIED ONLY (kernels.w4a4). Twin: `linear_w4a4_ref`.
 """
@@ -47,33 +47,66 @@ def linear_ref(x: torch.Tensor, weight, quantize_input: bool = False) -> torch.T
     return F.linear(x, dequantize_weight(weight, x.dtype))
 
 
-def linear_w4a16_ref(x: torch.Tensor, weight) -> torch.Tensor:
+def linear_w4a16_ref(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
     """The twin of linear_w4a16: x rounded to f16 (the kernel's activation format) [T, K] @ dequant(W)^T
-    in fp32 -> fp32 [T, N]."""
+    in fp32 -> fp32 [T, N]; groups > 1: the block-diagonal weight, group by group (see linear_w4a16)."""
     if not isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
         raise TypeError(f"linear_w4a16 takes NVFP4 or MXFP4 weights, got {type(weight).__name__}")
-    return F.linear(x.half().float(), weight.dequantize())
+    x, w = x.half().float(), weight.dequantize()
+    (n, k), r = w.shape, w.shape[0] // groups
+    return torch.cat([F.linear(x[:, g * k:(g + 1) * k], w[g * r:(g + 1) * r]) for g in range(groups)], dim=-1)
 
 
-def linear_w4a16(x: torch.Tensor, weight) -> torch.Tensor:
-    """Dense W4A16 on the GPU: x bf16 or fp32 [T, K], weight NVFP4/MXFP4 [N, K] -> fp32 [T, N].
-    Graph safe (static shapes, no host syncs); compile first outside any capture (one eager call)."""
-    from ..moe import _compiled, _vecs, gemm_config, pair_order  # CuTe DSL is needed only here
-    from ..moe.experts import w4_parts
+@functools.lru_cache(maxsize=64)
+def _groups_as_experts(tokens: int, groups: int, device: torch.device):
+    """How the MoE kernels see a dense (grouped) layer: group g is "expert" g, holding every token;
+    its input and output rows are t * groups + g of the [T * groups, K] view of x and of y. Built
+    with fill kernels (no host copies, so a first call inside a capture works too) once per shape.
+    -> (Dispatch, route weights (unused by the ungated kernel, read anyway), ones [groups, 1])."""
     from ..moe.routing import Dispatch
+    rows = torch.arange(tokens * groups, dtype=torch.int32, device=device)
+    slots = rows.view(tokens, groups).t().contiguous().view(-1)  # group-major, token order within a group
+    d = Dispatch(slots, torch.arange(groups, dtype=torch.int32, device=device),
+                 torch.arange(0, (groups + 1) * tokens, tokens, dtype=torch.int32, device=device),
+                 torch.full((1,), groups, dtype=torch.int32, device=device))
+    ones = torch.ones(groups, 1, dtype=torch.float32, device=device)
+    return d, ones.new_ones(tokens * groups), ones
+
+
+def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
+    """The grouped kernels' operands for a dense layer (before the activation re-order and the
+    16-byte vector views): x rows [T * G, K], packed weight [G, R, K/2], scale bytes [G, R, K/block],
+    the groups' global scales [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
+    from ..moe.experts import w4_parts
     packed, scales, gscale = w4_parts(weight)
+    (n, k), t, r = weight.shape, x.shape[0], weight.shape[0] // groups
+    d, route_w, ones = _groups_as_experts(t, groups, x.device)
+    if isinstance(weight, Mxfp4Weight):
+        gscale = ones  # w4_parts' ones would be a fill kernel per call
+    else:
+        gscale = gscale.reshape(1, 1) if groups == 1 else gscale.reshape(1, 1).expand(groups, 1).contiguous()
+    return (x.reshape(t * groups, k), packed.view(groups, r, -1), scales.view(groups, r, -1), gscale, route_w, d)
+
+
+def linear_w4a16(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
+    """Dense W4A16 on the GPU: x bf16 or fp32 [T, G*K], weight NVFP4/MXFP4 [N, K] (groups == 1) or
+    the block-diagonal [G*R, K] (wo_a: group g reads x[:, g*K:(g+1)*K] and writes y[:, g*R:(g+1)*R])
+    -> fp32 [T, N]. One launch of the MoE's ungated kernel with the groups as experts. Graph safe
+    (static shapes, no host syncs); compile first outside any capture (one eager call)."""
+    from ..moe import _compiled, _vecs, gemm_config, pair_order  # CuTe DSL is needed only here
     group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
     (n, k), t, dev = weight.shape, x.shape[0], x.device
-    if k % 128 or n % 64:
-        raise ValueError(f"linear_w4a16: weight [{n}, {k}] needs K % 128 == 0 and N % 64 == 0")
-    # One "expert" holding every token: slots 0..T-1 (built with fill kernels, no host copies).
-    one = Dispatch(torch.arange(t, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev),
-                   torch.zeros(2, dtype=torch.int32, device=dev), torch.ones(1, dtype=torch.int32, device=dev))
-    one.active_start[1:].fill_(t)
+    r = n // groups
+    if x.shape[1] != groups * k or n % groups:
+        raise ValueError(f"linear_w4a16: x [{t}, {x.shape[1]}] and weight [{n}, {k}] do not make {groups} groups")
+    if k % 128 or r % 64:
+        raise ValueError(f"linear_w4a16: weight [{n}, {k}] in {groups} groups needs K % 128 == 0 and rows per "
+                         "group % 64 == 0")
+    x_rows, packed, scales, gscale, route_w, d = w4a16_launch_args(x, weight, groups)
     out = torch.empty(t, n, dtype=torch.float32, device=dev)
-    kernel = _compiled(False, group, target_arch(dev), **gemm_config(t, 1, n, k))
-    kernel(_vecs(pair_order(x)), _vecs(packed.unsqueeze(0)), scales.unsqueeze(0), gscale.reshape(1, 1),
-           one.sorted_slots.float(), one.sorted_slots, one.active_experts, one.active_start, one.num_active, out)
+    kernel = _compiled(False, group, target_arch(dev), **gemm_config(t, groups, r, k))
+    kernel(_vecs(pair_order(x_rows)), _vecs(packed), scales, gscale, route_w,
+           d.sorted_slots, d.active_experts, d.active_start, d.num_active, out.view(t * groups, r))
     return out
 
 

@@ -42,3 +42,34 @@ def test_dense_graph_replay_recomputes():
         torch.cuda.synchronize()
         ref = linear_w4a16_ref(x, w)
         assert ((out - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+# Block-diagonal wo_a (groups, rows per group, K per group): one launch, the groups as experts.
+GROUPED = {"flash.wo_a": (8, 1024, 4096), "pro.wo_a": (16, 1024, 4096)}
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("name", GROUPED)
+def test_grouped_wo_a_matches_twin(fmt, name):
+    groups, rows, k = GROUPED[name]
+    g = torch.Generator(device="cuda").manual_seed(groups)
+    w = quantize_mxfp4(torch.randn(groups * rows, k, device="cuda", generator=g) * k ** -0.5)
+    w = mxfp4_to_nvfp4(w) if fmt == "nvfp4" else w
+    for t in (1, 7, 64, 513):
+        x = torch.randn(t, groups * k, device="cuda", generator=g).bfloat16()
+        out, ref = linear_w4a16(x, w, groups), linear_w4a16_ref(x, w, groups)
+        assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t)
+
+
+def test_grouped_graph_replay_recomputes():
+    g = torch.Generator(device="cuda").manual_seed(1)
+    groups, rows, k = GROUPED["flash.wo_a"]
+    w = mxfp4_to_nvfp4(quantize_mxfp4(torch.randn(groups * rows, k, device="cuda", generator=g) / 64))
+    x = torch.randn(4, groups * k, device="cuda", generator=g).bfloat16()
+    graph, out = capture(lambda: linear_w4a16(x, w, groups))
+    for _ in range(2):
+        x.copy_(torch.randn(4, groups * k, device="cuda", generator=g).bfloat16())
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = linear_w4a16_ref(x, w, groups)
+        assert ((out - ref).norm() / ref.norm()).item() <= 1e-2

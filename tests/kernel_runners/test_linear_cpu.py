@@ -74,3 +74,39 @@ def test_every_fp8_variant_compiles_for_sm90a():
     out = compile_for("sm_90a", code)
     assert "variants" in out
     print(out)
+
+
+def _grouped_kernel_semantics(x_rows, packed, scales, gscale, d, fmt):
+    """What the MoE's ungated grouped kernel computes (its GPU tests check it against the twin): for
+    each active expert e, every slot in its run: out[slot] = f16(x[slot]) @ W_e^T * gscale[e], W_e
+    decoded from its own bytes and block scales."""
+    from kernels.formats import Mxfp4Weight, Nvfp4Weight
+    out = torch.full((x_rows.shape[0], packed.shape[1]), float("nan"))
+    for i in range(int(d.num_active)):
+        e, lo, hi = int(d.active_experts[i]), int(d.active_start[i]), int(d.active_start[i + 1])
+        if fmt == "nvfp4":
+            w = Nvfp4Weight(packed[e], scales[e].view(torch.float8_e4m3fn), torch.ones(()), torch.ones(())).dequantize()
+        else:
+            w = Mxfp4Weight(packed[e], scales[e].view(torch.float8_e8m0fnu)).dequantize()
+        for slot in d.sorted_slots[lo:hi].tolist():
+            out[slot] = x_rows[slot].half().float() @ w.T * gscale[e, 0]
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("groups, t", [(1, 1), (1, 5), (4, 1), (4, 3)])
+def test_dense_w4a16_operands_give_the_twin_through_the_grouped_kernel(fmt, groups, t):
+    """linear_w4a16 runs a dense (or block-diagonal wo_a) layer as one launch of the MoE kernel with
+    the groups as experts: its operands (views of the checkpoint's bytes, the dispatch, the global
+    scales), run through the kernel's semantics, give the twin's output rows in place."""
+    from kernels.formats import quantize_mxfp4, quantize_nvfp4
+    from kernels.linear import linear_w4a16_ref, w4a16_launch_args
+    g = torch.Generator().manual_seed(groups * 10 + t)
+    rows, k = 64, 256
+    dense = torch.randn(groups * rows, k, generator=g) * torch.rand(groups * rows, 1, generator=g)
+    w = quantize_nvfp4(dense) if fmt == "nvfp4" else quantize_mxfp4(dense)  # NVFP4: a global scale that is not 1
+    x = torch.randn(t, groups * k, generator=g)
+    x_rows, packed, scales, gscale, route_w, d = w4a16_launch_args(x, w, groups)
+    assert packed.data_ptr() == w.weight.data_ptr() and route_w.shape == (t * groups,)
+    out = _grouped_kernel_semantics(x_rows, packed, scales, gscale, d, fmt).view(t, groups * rows)
+    assert torch.allclose(out, linear_w4a16_ref(x, w, groups), rtol=1e-5, atol=1e-5)
