@@ -15,11 +15,13 @@ holds one copy.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import torch
 
 from kernels import dispatch
+from kernels.cute_compile import cache_root
 from kernels.mhc import mhc_coefficients
 from kernels.formats import Mxfp4Weight
 from kernels.moe import stack_experts
@@ -52,6 +54,15 @@ COMPILED_PIECES = ("query_heads", "kv_entry", "window", "attend", "compressor_st
                    "hc_mixes", "sublayer_input", "hc_post", "routing")
 
 
+def _cache_inductor_next_to_the_kernels() -> None:
+    """Inductor's compiled code next to the runners' kernels (not in /tmp), so a restart or a new
+    container on the same cache volume skips the minutes of compilation. A directory the user chose
+    stays; Inductor writes its /tmp default into the environment on first use, so that one is replaced."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+
+
 class DeepseekV4Gpu(DeepseekV4):
     def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True, device="cuda",
                  compile_attention: bool = False):
@@ -72,6 +83,7 @@ class DeepseekV4Gpu(DeepseekV4):
             # head dim, rotation) and per coincidence of sizes; past Dynamo's default limit of 8 it
             # would run eagerly (seen on an H200 for the compressor), so the limit is raised.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            _cache_inductor_next_to_the_kernels()
             for name in COMPILED_PIECES:
                 setattr(self, name, self._for_decode(getattr(self, name), torch.compile(getattr(self, name), dynamic=True)))
 

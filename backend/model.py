@@ -115,6 +115,12 @@ def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
     return pre, post, comb
 
 
+def emitted_entries(num_entries: int, pos: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Which of a compressor's entries exist for each query position [B, S] -> mask [B, S, C]: entry
+    e closes at position (e + 1) * ratio - 1."""
+    return torch.arange(num_entries, device=pos.device) < ((pos + 1) // ratio).unsqueeze(-1)
+
+
 def stable_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest scores along the last dim; ties go to the lowest index.
     Entries scored -inf are never selected."""
@@ -363,8 +369,7 @@ class DeepseekV4:
 
     def index_select(self, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The top `index_topk` of the entries each query may see (those emitted so far) -> mask [B, S, C]."""
-        valid = torch.arange(scores.shape[-1], device=scores.device) < ((pos + 1) // 4).unsqueeze(-1)
-        scores = scores.masked_fill(~valid, float("-inf"))
+        scores = scores.masked_fill(~emitted_entries(scores.shape[-1], pos, 4), float("-inf"))
         return stable_topk_mask(scores, min(self.args.index_topk, scores.shape[-1]))
 
     # --- attention -----------------------------------------------------------------------
@@ -386,7 +391,7 @@ class DeepseekV4:
         if ratio:
             self.compress(f"{p}compressor.", x, pos, slots, st.compressor, ratio, a.head_dim, rotate=False)
             entries = st.compressor.entries[slots]                               # [B, C, hd]
-            comp_mask = torch.arange(entries.shape[1], device=x.device) < ((pos + 1) // ratio).unsqueeze(-1)
+            comp_mask = emitted_entries(entries.shape[1], pos, ratio)
             if ratio == 4:
                 comp_mask = comp_mask & self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer)
         o = self.attend(q, window, window_mask, entries, comp_mask, self.w[f"{p}attn_sink"], pos, freqs)

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from bench.timing import cold_graph_time, l2_defeat_copies, require_gpu, stream_read
+from bench.timing import cold_graph_time, dense_baselines, l2_defeat_copies, require_gpu
 from kernels.linear import fp8_plan, linear_fp8, quantize_rows_fp8
 from tests.gpu.test_linear_fp8 import SHAPES, random_tokens, random_weight
 
@@ -45,12 +45,7 @@ def main():
             plan = forced or fp8_plan(t, rows // groups, k, groups)
             ours = cold_graph_time([lambda w=w: linear_fp8(x, w, groups, plan=plan) for w in ws])
             gemm = cold_graph_time([lambda w=w: linear_fp8(xq, w, groups, plan=plan) for w in ws])
-            if groups == 1:
-                base = cold_graph_time([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
-            else:
-                xg = x.view(t, groups, k).transpose(0, 1)
-                base = cold_graph_time([lambda w=w: torch.bmm(xg, w.view(groups, -1, k).transpose(1, 2)) for w in bf16])
-            floor = cold_graph_time([lambda f=f: stream_read(f) for f in flats])
+            base, floor = dense_baselines(x, bf16, flats, groups)
             print(f"| {name} | {rows}x{k} ({groups}) | {t} | {plan} | {ours:.4f} | {gemm:.4f} | {base:.4f} | "
                   f"{floor:.4f} | {base / ours:.2f}x | {ours / floor:.2f}x |", flush=True)
         del ws, bf16, flats

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from bench.timing import cold_graph_time, l2_defeat_copies, require_gpu, stream_read
+from bench.timing import cold_graph_time, dense_baselines, l2_defeat_copies, require_gpu
 from kernels.formats import Nvfp4Weight, mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.linear import linear_w4a16
 from tests.gpu.test_linear_w4a16 import GROUPED, SHAPES
@@ -46,12 +46,7 @@ def main():
         for t in tokens:
             x = torch.randn(t, groups * k, device="cuda", generator=g).bfloat16()
             ours = cold_graph_time([lambda w=w: linear_w4a16(x, w, groups) for w in ws])
-            if groups == 1:
-                base = cold_graph_time([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
-            else:
-                xg = x.view(t, groups, k).transpose(0, 1)
-                base = cold_graph_time([lambda w=w: torch.bmm(xg, w.view(groups, -1, k).transpose(1, 2)) for w in bf16])
-            floor = cold_graph_time([lambda f=f: stream_read(f) for f in flats])
+            base, floor = dense_baselines(x, bf16, flats, groups)
             print(f"| {name} | {groups * rows}x{k} ({groups}) | {t} | {ours:.4f} | {base:.4f} | {floor:.4f} | "
                   f"{base / ours:.2f}x | {ours / floor:.2f}x |", flush=True)
         del ws, bf16, flats

@@ -15,8 +15,7 @@ from backend.gpu_model import DeepseekV4Gpu
 from backend.model import DeepseekV4
 from backend.synthetic import generate, tiny_args
 from bench.timing import require_gpu
-
-LENGTHS = (5, 9, 13, 20)
+from tests.parity import relative, teacher_forced
 
 
 def main():
@@ -32,25 +31,13 @@ def main():
                   "ref-gpu": DeepseekV4(ck.args, ck.weights, simulate_qat=bool(a.qat), device="cuda",
                                         runner_activations=True),
                   "runners": DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=bool(a.qat), device="cuda")}
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, ck.args.vocab_size, (1, n), generator=g) for n in LENGTHS]
-    states = {k: m.new_state(4, 96, with_mtp=False) for k, m in models.items()}
-    logits = {k: torch.cat([m.forward(p, 0, [i], states[k])[0] for i, p in enumerate(prompts)]).float().cpu()
-              for k, m in models.items()}
     print(f"{a.flavor}, simulate_qat={bool(a.qat)}: relative logits difference per step")
     print("| step | runners vs ref-cpu | ref-gpu vs ref-cpu | runners vs ref-gpu | greedy equal (runners, ref-cpu) |")
     print("|---|---|---|---|---|")
-    rel = lambda x, y: ((x - y).norm() / y.norm()).item()
-    for step in range(a.steps + 1):
-        r = logits["ref-cpu"]
-        print(f"| {step} | {rel(logits['runners'], r):.2e} | {rel(logits['ref-gpu'], r):.2e} | "
-              f"{rel(logits['runners'], logits['ref-gpu']):.2e} | "
-              f"{bool(torch.equal(logits['runners'].argmax(-1), r.argmax(-1)))} |", flush=True)
-        tokens = r.argmax(-1, keepdim=True)
-        pos = torch.tensor(LENGTHS) + step
-        for k, m in models.items():
-            dev = m.device
-            logits[k] = m.forward(tokens.to(dev), pos.to(dev), torch.arange(4, device=dev), states[k])[0].float().cpu()
+    for step, logits in enumerate(teacher_forced(models, ck.args.vocab_size, a.steps, leader="ref-cpu")):
+        r, u = logits["ref-cpu"], logits["runners"]
+        print(f"| {step} | {relative(u, r):.2e} | {relative(logits['ref-gpu'], r):.2e} | "
+              f"{relative(u, logits['ref-gpu']):.2e} | {bool(torch.equal(u.argmax(-1), r.argmax(-1)))} |", flush=True)
 
 
 if __name__ == "__main__":

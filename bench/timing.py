@@ -79,3 +79,16 @@ def cold_graph_time(calls, rounds: int = 4, iters: int = 5) -> float:
                 fn()
     graph.replay()
     return _median_replay_ms(graph, iters) / (rounds * len(calls))
+
+
+def dense_baselines(x: torch.Tensor, bf16_weights: list, weight_words: list, groups: int = 1) -> tuple[float, float]:
+    """The dense benchmarks' two references for input x [T, groups*K], cold (cold_graph_time): torch
+    BF16 matmul on dequantized copies of the weight (a batched matmul over block-diagonal groups),
+    and the floor, one streaming read of the quantized weight's bytes -> (bf16 ms, floor ms)."""
+    if groups == 1:
+        base = cold_graph_time([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16_weights])
+    else:
+        t, k = x.shape[0], x.shape[1] // groups
+        xg = x.view(t, groups, k).transpose(0, 1)
+        base = cold_graph_time([lambda w=w: torch.bmm(xg, w.view(groups, -1, k).transpose(1, 2)) for w in bf16_weights])
+    return base, cold_graph_time([lambda f=f: stream_read(f) for f in weight_words])

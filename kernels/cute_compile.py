@@ -42,10 +42,14 @@ def fake(dtype, *dims, order: tuple | None = None):
     return make_fake_compact_tensor(dtype, shape, stride_order=order, assumed_align=16)
 
 
+def cache_root() -> Path:
+    """Where compiled kernels live across restarts: $DSV4_CACHE_DIR, or ~/.cache/deepseek-v4-triton."""
+    return Path(os.environ.get("DSV4_CACHE_DIR") or Path.home() / ".cache" / "deepseek-v4-triton")
+
+
 def cache_dir() -> Path:
     if "CUTE_DSL_CACHE_DIR" not in os.environ:
-        root = os.environ.get("DSV4_CACHE_DIR") or Path.home() / ".cache" / "deepseek-v4-triton"
-        os.environ["CUTE_DSL_CACHE_DIR"] = str(Path(root) / "cute-dsl")
+        os.environ["CUTE_DSL_CACHE_DIR"] = str(cache_root() / "cute-dsl")
     return Path(os.environ["CUTE_DSL_CACHE_DIR"])
 
 

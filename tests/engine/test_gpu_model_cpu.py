@@ -6,6 +6,7 @@ from backend.checkpoint import load_checkpoint
 from backend.gpu_model import DeepseekV4Gpu, split_experts
 from backend.model import CompressorState, DeepseekV4, write_entries_decode, write_entries_emitting
 from kernels.moe import unstack
+from tests.parity import relative, teacher_forced
 
 
 def test_split_experts_stacks_every_layer_bit_for_bit(make_checkpoint):
@@ -63,20 +64,11 @@ def test_reference_wo_a_quantizes_its_input_only_where_the_runner_does(make_chec
 
 
 def _teacher_forced(ref, runner, vocab, steps):
-    """Prefills of 4 lengths, then `steps` batched decode steps on the reference's greedy tokens:
-    -> (relative logits difference per step, greedy agreements of the 4 x (steps + 1) tokens)."""
-    lengths = (5, 9, 13, 20)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, vocab, (1, n), generator=g) for n in lengths]
-    states = [m.new_state(4, 64, with_mtp=False) for m in (ref, runner)]
-    logits = [torch.cat([m.forward(p, 0, [i], s)[0] for i, p in enumerate(prompts)]) for m, s in zip((ref, runner), states)]
+    """-> (relative logits difference per step, greedy agreements of the 4 x (steps + 1) tokens)."""
     rels, agree = [], 0
-    for step in range(steps + 1):
-        lr, lu = logits
-        rels.append(((lu - lr).norm() / lr.norm()).item())
-        agree += int((lu.argmax(-1) == lr.argmax(-1)).sum())
-        tokens, pos = lr.argmax(-1, keepdim=True), torch.tensor(lengths) + step
-        logits = [m.forward(tokens, pos, torch.arange(4), s)[0] for m, s in zip((ref, runner), states)]
+    for logits in teacher_forced({"ref": ref, "runner": runner}, vocab, steps, leader="ref", max_len=64):
+        rels.append(relative(logits["runner"], logits["ref"]))
+        agree += int((logits["runner"].argmax(-1) == logits["ref"].argmax(-1)).sum())
     return rels, agree
 
 
@@ -186,3 +178,23 @@ def test_compiled_model_tracks_the_eager_one(make_checkpoint):
     assert rels[0] == 0 and max(rels) < 5e-3 and agree == 16, (rels, agree)  # step 0: the eager prefills
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(COMPILED_PIECES)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_compiled_pieces_are_cached_next_to_the_kernels(make_checkpoint, tmp_path):
+    """compile_attention points Inductor's cache at $DSV4_CACHE_DIR/inductor (unless the user set
+    TORCHINDUCTOR_CACHE_DIR): a restart, or a new container on the same cache volume, reuses the
+    compiled pieces instead of the default /tmp."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os, torch\n"
+            "from backend.checkpoint import load_checkpoint\n"
+            "from backend.gpu_model import DeepseekV4Gpu\n"
+            f"ck = load_checkpoint({str(make_checkpoint('all-nvfp4'))!r})\n"
+            "m = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=False, device='cpu', compile_attention=True)\n"
+            "st = m.new_state(2, 64, with_mtp=False)\n"
+            "m.forward(torch.tensor([[5]]), torch.tensor([3]), torch.tensor([0]), st)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "CUTE_DSL_CACHE_DIR")}
+    env["DSV4_CACHE_DIR"] = str(tmp_path)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600, capture_output=True)
+    assert any((tmp_path / "inductor").rglob("*.py")), sorted(p.name for p in tmp_path.rglob("*"))[:20]

@@ -7,19 +7,9 @@ from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
 from backend.gpu_model import DeepseekV4Gpu
 from backend.model import DeepseekV4
+from tests.parity import LENGTHS, prefill, prompts, relative, teacher_forced
 
 pytestmark = pytest.mark.gpu
-
-LENGTHS = (5, 9, 13, 20)
-
-
-def _prompts(vocab):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(2, vocab, (1, n), generator=g) for n in LENGTHS]
-
-
-def _prefill(model, state, prompts):
-    return torch.cat([model.forward(p, 0, [i], state)[0] for i, p in enumerate(prompts)]).float().cpu()
 
 
 @pytest.mark.parametrize("flavor", ["nvidia-nvfp4", "deepseek-native", "all-nvfp4"])
@@ -38,23 +28,15 @@ def test_runner_model_tracks_the_reference(flavor, make_checkpoint):
     (bench/NOTES.md, bench/parity_probe.py). H200: all-nvfp4 (no FP8 GEMM) median 4.3e-3, 31 of 33
     steps within 2e-2, 130/132 tokens; the FP8 flavors median 9.7e-2, 110/132 tokens."""
     ck = load_checkpoint(make_checkpoint(flavor, index_topk=64))
-    ref = DeepseekV4(ck.args, ck.weights, simulate_qat=True, runner_activations=True)
-    gpu = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda")
-    prompts = _prompts(ck.args.vocab_size)
-    ref_state, gpu_state = ref.new_state(4, 96, with_mtp=False), gpu.new_state(4, 96, with_mtp=False)
-    lr, lg = _prefill(ref, ref_state, prompts), _prefill(gpu, gpu_state, prompts)
+    models = {"ref": DeepseekV4(ck.args, ck.weights, simulate_qat=True, runner_activations=True),
+              "gpu": DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda")}
     rels, agree = [], 0
-    for step in range(33):
-        rels.append(((lg - lr).norm() / lr.norm()).item())
+    for step, logits in enumerate(teacher_forced(models, ck.args.vocab_size, 32, leader="ref")):
+        lr, lg = logits["ref"], logits["gpu"]
+        rels.append(relative(lg, lr))
         cosine = torch.nn.functional.cosine_similarity(lg, lr, dim=-1).min().item()
         assert cosine >= 0.9, (flavor, step, cosine)
         agree += int((lg.argmax(-1) == lr.argmax(-1)).sum())
-        if step == 32:
-            break
-        tokens = lr.argmax(-1, keepdim=True)
-        positions = torch.tensor(LENGTHS) + step
-        lr = ref.forward(tokens, positions, [0, 1, 2, 3], ref_state)[0].float()
-        lg = gpu.forward(tokens.cuda(), positions.cuda(), torch.arange(4, device="cuda"), gpu_state)[0].float().cpu()
     print(f"{flavor}: logits relative difference median {sorted(rels)[16]:.2e}, max {max(rels):.2e}, "
           f"steps within 2e-2 {sum(r <= 2e-2 for r in rels)}/33; greedy agreement {agree}/{33 * 4}")
 
@@ -63,19 +45,19 @@ def test_runner_model_tracks_the_reference(flavor, make_checkpoint):
 def test_graph_decode_is_eager_decode(make_checkpoint, compile_attention):
     """Three sequences decode 16 steps from the batch-4 graph (one padded row in the scratch slot)
     and eagerly: the same tokens, and the same logits bit for bit as an eager step of the same 4 rows,
-    so replay recomputes on every new input; also with the torch pieces through torch.compile
-    (captured inside the graph). Eager steps of the 3 rows alone give the same logits to 1e-4
-    without torch.compile; with it, Inductor's kernels may order fp32 sums differently at 3 rows
-    than at 4, which the FP8 activation quantizer amplifies on this tiny model (one bf16 step of a
-    logit, 0.016, after 13 steps on an H200)."""
+    so replay recomputes on every new input; eager steps of the 3 rows alone agree to 1e-4. Also
+    with the torch pieces through torch.compile (captured inside the graph): there a step's logits
+    came within one bf16 step (0.016) of the eager step's, at 2 of 16 steps on an H200, without any
+    state diverging (the next steps were bit-identical again): some compiled kernel is not bit-
+    reproducible between the graph and eager calls (not located yet). Bounded at 2e-2."""
     ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
     model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda", compile_attention=compile_attention)
-    prompts = _prompts(ck.args.vocab_size)[:3]
+    three = prompts(ck.args.vocab_size)[:3]
     eager_state, padded_state, graph_state = (model.new_state(5, 96, with_mtp=False) for _ in range(3))
-    le = _prefill(model, eager_state, prompts)
-    assert torch.equal(_prefill(model, padded_state, prompts), le)
+    le = prefill(model, eager_state, three)
+    assert torch.equal(prefill(model, padded_state, three), le)
     graphs = DecodeGraphs(model, graph_state, max_batch=4, scratch_slot=4)
-    lg = _prefill(model, graph_state, prompts)
+    lg = prefill(model, graph_state, three)
     assert torch.equal(le, lg)
     for step in range(16):
         tokens = le.argmax(-1)
