@@ -198,7 +198,7 @@ def generate(out_dir: str | Path, flavor: str = "nvidia-nvfp4", size: str = "tin
     if hf_quant is not None:
         (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=1))
     from .tokenizer import build_tokenizer
-    build_tokenizer(min(args.vocab_size, 4096)).save(str(out / "tokenizer.json"))
+    build_tokenizer(args.vocab_size).save(str(out / "tokenizer.json"))
     return out
 
 

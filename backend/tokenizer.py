@@ -1,7 +1,9 @@
 """Tokenizer: the checkpoint's `tokenizer.json` through HF `tokenizers`, and a small byte-level
 BPE built at generation time for synthetic checkpoints (every byte is a token, so any text,
-emoji included, round-trips)."""
+emoji included, round-trips; every id of the model's vocabulary decodes to printable text)."""
 from __future__ import annotations
+
+import json
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -21,13 +23,22 @@ def main():\n    print("hello world")\n    return 0\n
 
 
 def build_tokenizer(vocab_size: int = 512) -> Tokenizer:
-    """A byte-level BPE tokenizer with at most vocab_size tokens; ids 0 and 1 are BOS and EOS."""
+    """A byte-level BPE tokenizer with exactly vocab_size tokens; ids 0 and 1 are BOS and EOS. The
+    corpus yields a few hundred merges; the ids above them are filler words (" w1234"), which no
+    text encodes to, so that whatever ids a random model emits, the stream shows text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    if tok.get_vocab_size() < vocab_size:
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        fillers = (f"Ġw{i}" for i in range(vocab_size * 2) if f"Ġw{i}" not in vocab)  # Ġ: the byte-level space
+        for token_id, word in zip(range(tok.get_vocab_size(), vocab_size), fillers):
+            vocab[word] = token_id
+        tok = Tokenizer.from_str(json.dumps(spec))
     return tok
 
 

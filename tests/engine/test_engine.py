@@ -1,4 +1,5 @@
 """Engine pieces without a server: scheduling, parameters, detokenization, request parsing, batching."""
+import re
 import threading
 
 import numpy as np
@@ -73,6 +74,19 @@ def test_sampling_params_validation_names_the_field():
             SamplingParams.from_dict(raw)
     with pytest.raises(ValueError, match="max_model_len"):
         SamplingParams.from_dict({"max_tokens": 100}, max_model_len=50)
+
+
+def test_synthetic_tokenizer_gives_every_model_id_text():
+    """A random model emits ids across its whole vocabulary: the synthetic tokenizer has exactly
+    that many, each decoding to printable text (the corpus merges cover a few hundred; a
+    flash-shaped model streamed '' before), and text still round-trips."""
+    tok = build_tokenizer(20_000)
+    assert tok.get_vocab_size() == 20_000
+    for i in (2, 300, 700, 5_000, 19_999):
+        assert tok.decode([i]).strip(), i
+    assert re.fullmatch(r" w\d+ w\d+", tok.decode([19_998, 19_999]))  # filler words above the merges
+    text = "héllo wörld 🙂 The quick brown fox."
+    assert tok.decode(tok.encode(text).ids) == text
 
 
 def test_streamed_deltas_concatenate_to_the_text_multibyte_included():
