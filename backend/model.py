@@ -240,6 +240,9 @@ class DeepseekV4:
         self.freqs = {False: rope_inv_freq(args, False).to(self.device),
                       True: rope_inv_freq(args, True).to(self.device)}
         self._hadamard = hadamard(args.index_head_dim, self.device, dtype) if simulate_qat else None
+        # Parity tests set a list here: each indexer call appends (layer prefix, slots [B], scores
+        # [B, S, C], selection mask) on the CPU. A host copy per call, so never while capturing a graph.
+        self.index_trace: list | None = None
 
     def new_state(self, num_slots: int, max_len: int, with_mtp: bool = True) -> ModelState:
         return ModelState(self.args, num_slots, max_len, self.device, self.dtype, with_mtp)
@@ -353,7 +356,11 @@ class DeepseekV4:
         q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (-1, a.index_head_dim))  # heads held here
         self.compress(f"{prefix}compressor.", x, pos, slots, st, 4, a.index_head_dim, rotate=True)
         scores = self.index_scores(q, x, st.entries[slots], self.w[f"{prefix}weights_proj.weight"], pos)
-        return self.index_select(self.reduce_partial(scores), pos)
+        scores = self.reduce_partial(scores)
+        mask = self.index_select(scores, pos)
+        if self.index_trace is not None:
+            self.index_trace.append((prefix, slots.cpu(), scores.float().cpu(), mask.cpu()))
+        return mask
 
     def index_scores(self, q: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, weights_proj: torch.Tensor,
                      pos: torch.Tensor) -> torch.Tensor:

@@ -37,3 +37,49 @@ def teacher_forced(models: dict, vocab: int, steps: int, leader: str, max_len: i
 
 def relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
+
+
+def selection_flips(trace: list, ref_trace: list) -> list[dict]:
+    """Compare two models' indexer picks call by call (DeepseekV4.index_trace of one step, in the
+    order of execution). For each query whose selected set differs, the reference's score margin:
+    the lowest reference score of the entries only the reference picked minus the highest of those
+    only the other model picked, relative to the query's largest |score| (a near-tie: near 0), and
+    whether an earlier call already flipped for the same sequence (then the inputs differed
+    already and the margin says nothing)."""
+    flips = []
+    for call, ((prefix, slots, _, mask), (ref_prefix, _, ref_scores, ref_mask)) in enumerate(
+            zip(trace, ref_trace, strict=True)):
+        assert prefix == ref_prefix, (prefix, ref_prefix)
+        for b, s in (mask != ref_mask).any(-1).nonzero().tolist():
+            scores, picked, ref_picked = ref_scores[b, s], mask[b, s], ref_mask[b, s]
+            gap = scores[ref_picked & ~picked].min() - scores[picked & ~ref_picked].max()
+            slot = int(slots[b])
+            flips.append(dict(layer=prefix, slot=slot, query=s, margin=(gap / scores[ref_picked].abs().max()).item(),
+                              after_a_flip=any(f["slot"] == slot and f["call"] < call for f in flips), call=call))
+    return flips
+
+
+def selection_report(models: dict, vocab: int, steps: int, ref: str, other: str) -> list[dict]:
+    """Teacher-forced decode (the reference leading) with the indexer's picks traced: per step the
+    logits' relative difference, the greedy agreement and the selection flips (selection_flips).
+    Sets and clears the models' index_trace."""
+    report = []
+    for m in models.values():
+        m.index_trace = []
+    try:
+        for logits in teacher_forced(models, vocab, steps, leader=ref):
+            traces = {k: m.index_trace for k, m in models.items()}
+            for m in models.values():
+                m.index_trace = []
+            report.append(dict(rel=relative(logits[other], logits[ref]), flips=selection_flips(traces[other], traces[ref]),
+                               agree=int((logits[other].argmax(-1) == logits[ref].argmax(-1)).sum())))
+    finally:
+        for m in models.values():
+            m.index_trace = None
+    return report
+
+
+def before_first_flip(report: list[dict]) -> list[dict]:
+    """The steps whose every selection matched, up to the first that did not (states differ after)."""
+    first = next((i for i, r in enumerate(report) if r["flips"]), len(report))
+    return report[:first]

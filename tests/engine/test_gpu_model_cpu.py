@@ -1,12 +1,13 @@
 """The runner model's pieces that run anywhere: expert stacking from a checkpoint, the graph-safe
 entry write, and the model itself on the CPU (where kernels.dispatch falls back to the twins)."""
+import pytest
 import torch
 
 from backend.checkpoint import load_checkpoint
 from backend.gpu_model import DeepseekV4Gpu, split_experts
 from backend.model import CompressorState, DeepseekV4, write_entries_decode, write_entries_emitting
 from kernels.moe import unstack
-from tests.parity import relative, teacher_forced
+from tests.parity import before_first_flip, relative, selection_report, teacher_forced
 
 
 def test_split_experts_stacks_every_layer_bit_for_bit(make_checkpoint):
@@ -87,6 +88,28 @@ def test_runner_model_tracks_the_reference_with_runner_activations(make_checkpoi
     median = lambda r: sorted(r)[len(r) // 2]
     assert median(with_f16) <= 2e-2 and agree >= 42, (with_f16, agree)  # of 44 tokens
     assert median(plain) >= 3 * median(with_f16), (plain, with_f16)
+
+
+@pytest.mark.parametrize("flavor", ["all-nvfp4", "nvidia-nvfp4"])
+def test_indexer_picks_match_the_reference_until_a_near_tie(flavor, make_checkpoint):
+    """A real top-k: index_topk 3 of up to 9 compressed entries, 16 teacher-forced steps, the runner
+    model on the twins against the reference (runner_activations), the indexer's picks compared per
+    query. The first step where a pick differs must be a near-tie in the reference's own scores
+    (margin under 2% of the query's largest score); before it, all-NVFP4 holds the issue's bound
+    (<= 2e-2, identical greedy tokens). The FP8 flavor's logits move by up to 7e-2 without any pick
+    differing (its activation quantizer amplifies fp32 reordering on this tiny model), so for it
+    only the margin is checked. Measured: all-NVFP4 first flip at step 8 (margin 0.9%), 5.4e-3 before;
+    nvidia-nvfp4 at step 15 (1.0%)."""
+    ck = load_checkpoint(make_checkpoint(flavor, index_topk=3))
+    models = {"ref": DeepseekV4(ck.args, ck.weights, runner_activations=True),
+              "runner": DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")}
+    report = selection_report(models, ck.args.vocab_size, 16, "ref", "runner")
+    matched = before_first_flip(report)
+    first_flips = [f for f in (report[len(matched)]["flips"] if len(matched) < len(report) else [])
+                   if not f["after_a_flip"]]
+    assert all(0 <= f["margin"] < 2e-2 for f in first_flips), first_flips
+    if flavor == "all-nvfp4":
+        assert max(r["rel"] for r in matched) <= 2e-2 and all(r["agree"] == 4 for r in matched), matched
 
 
 def test_dense_mxfp4_scale_beyond_the_runners_exact_range_fails_at_load(make_checkpoint):
