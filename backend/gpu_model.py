@@ -50,8 +50,8 @@ def split_experts(weights: dict) -> tuple[dict, dict]:
 # The pure-torch pieces between the runners (backend.model: attention side, mHC mixing, norms,
 # routing): dozens of small kernels per layer eagerly, which bound the decode step at small
 # batch; torch.compile fuses each into a few.
-COMPILED_PIECES = ("query_heads", "kv_entry", "window", "attend", "compressor_step", "index_scores", "index_select",
-                   "hc_mixes", "sublayer_input", "hc_post", "routing")
+COMPILED_PIECES = ("norm", "query_heads", "kv_entry", "window", "ring_write", "attend", "compressor_step",
+                   "index_scores", "index_select", "hc_mixes", "sublayer_input", "hc_post", "routing", "swiglu")
 
 
 def _cache_inductor_next_to_the_kernels() -> None:

@@ -355,18 +355,18 @@ class DeepseekV4:
         a = self.args
         q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (-1, a.index_head_dim))  # heads held here
         self.compress(f"{prefix}compressor.", x, pos, slots, st, 4, a.index_head_dim, rotate=True)
-        scores = self.index_scores(q, x, st.entries[slots], self.w[f"{prefix}weights_proj.weight"], pos)
+        scores = self.index_scores(q, x, st.entries, slots, self.w[f"{prefix}weights_proj.weight"], pos)
         scores = self.reduce_partial(scores)
         mask = self.index_select(scores, pos)
         if self.index_trace is not None:
             self.index_trace.append((prefix, slots.cpu(), scores.float().cpu(), mask.cpu()))
         return mask
 
-    def index_scores(self, q: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, weights_proj: torch.Tensor,
-                     pos: torch.Tensor) -> torch.Tensor:
-        """The index heads' (held here) weighted ReLU scores of the compressed keys [B, C, Di] -> [B, S, C].
-        q: [B, S, Hi, Di] before RoPE."""
-        a = self.args
+    def index_scores(self, q: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor,
+                     weights_proj: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The index heads' (held here) weighted ReLU scores of the slots' compressed keys (of all
+        slots' [N, C, Di]) -> [B, S, C]. q: [B, S, Hi, Di] before RoPE."""
+        a, keys = self.args, keys[slots]
         q = apply_rope(q, pos, self.freqs[True], a.qk_rope_head_dim)
         if self.simulate_qat:
             q = fp4_qdq(q @ self._hadamard, INDEXER_QAT_BLOCK)
@@ -375,39 +375,49 @@ class DeepseekV4:
         return (scores * weights.unsqueeze(-1)).sum(2)
 
     def index_select(self, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The top `index_topk` of the entries each query may see (those emitted so far) -> mask [B, S, C]."""
-        scores = scores.masked_fill(~emitted_entries(scores.shape[-1], pos, 4), float("-inf"))
-        return stable_topk_mask(scores, min(self.args.index_topk, scores.shape[-1]))
+        """The top `index_topk` of the entries each query may see (those emitted so far) -> mask [B, S, C]
+        (fewer where fewer entries exist)."""
+        valid = emitted_entries(scores.shape[-1], pos, 4)
+        return valid & stable_topk_mask(scores.masked_fill(~valid, float("-inf")), min(self.args.index_topk, scores.shape[-1]))
 
     # --- attention -----------------------------------------------------------------------
     def attention(self, prefix: str, layer: int, x, pos, slots, st: LayerState) -> torch.Tensor:
         """x: [B, S, D] -> [B, S, D]. Keys: the sliding window (ring + new tokens) and, on
         compressed layers, the compressed entries (all so far for HCA, the indexer's pick for CSA)."""
         a = self.args
-        ratio, win = a.compress_ratio(layer), a.sliding_window
+        ratio = a.compress_ratio(layer)
         freqs = self.freqs[ratio > 0]
         p = f"{prefix}attn."
-        qr = rms_norm(self.linear(x, f"{p}wq_a"), self.w[f"{p}q_norm.weight"], a.rms_norm_eps)
+        qr = self.norm(self.linear(x, f"{p}wq_a"), self.w[f"{p}q_norm.weight"])
         q = self.query_heads(self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim)), pos, freqs)
         kv = self.kv_entry(self.linear(x, f"{p}wkv"), self.w[f"{p}kv_norm.weight"], pos, freqs)
-        window, window_mask = self.window(st.ring[slots], kv, pos)
-        tail = min(x.shape[1], win)  # only the last `win` tokens survive in the ring
-        st.ring[slots.unsqueeze(1), pos[:, -tail:] % win] = kv[:, -tail:]
+        window, window_mask = self.window(st.ring, slots, kv, pos)
+        self.ring_write(st.ring, slots, pos, kv)
 
         entries = comp_mask = None
         if ratio:
             self.compress(f"{p}compressor.", x, pos, slots, st.compressor, ratio, a.head_dim, rotate=False)
-            entries = st.compressor.entries[slots]                               # [B, C, hd]
-            comp_mask = emitted_entries(entries.shape[1], pos, ratio)
-            if ratio == 4:
-                comp_mask = comp_mask & self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer)
-        o = self.attend(q, window, window_mask, entries, comp_mask, self.w[f"{p}attn_sink"], pos, freqs)
+            entries = st.compressor.entries                                      # [slots, C, hd]
+            comp_mask = (self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer) if ratio == 4
+                         else emitted_entries(entries.shape[1], pos, ratio))
+        o = self.attend(q, window, window_mask, entries, slots, comp_mask, self.w[f"{p}attn_sink"], pos, freqs)
         # Grouped output projection: block-diagonal wo_a (one [o_lora, H*hd/G] block per group).
         o = o.flatten(2).unflatten(-1, (-1, a.num_attention_heads * a.head_dim // a.o_groups))  # [B, S, G, H*hd/G]
         return self.reduce_partial(self.linear(self.grouped_linear(o, f"{p}wo_a").flatten(2), f"{p}wo_b"))
 
     # The attention's pure-torch pieces between the linears: one function each, with the weights
     # as arguments, so a subclass can compile them (backend.gpu_model) and every layer shares it.
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm with the model's eps (the q LoRA norm, the final norm)."""
+        return rms_norm(x, weight, self.args.rms_norm_eps)
+
+    @staticmethod
+    def ring_write(ring: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor) -> None:
+        """The new tokens' KV into the slots' sliding rings, in place; only the last `win` survive."""
+        win = ring.shape[1]
+        tail = min(kv.shape[1], win)
+        ring[slots.unsqueeze(1), pos[:, -tail:] % win] = kv[:, -tail:]
+
     def query_heads(self, q: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """Queries [B, S, H, hd]: per-head unweighted RMSNorm, then RoPE."""
         a = self.args
@@ -419,23 +429,23 @@ class DeepseekV4:
         kv = apply_rope(rms_norm(kv, norm, a.rms_norm_eps), pos, freqs, a.qk_rope_head_dim)
         return self._kv_qat(kv) if self.simulate_qat else kv
 
-    def window(self, ring: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor):
-        """Sliding-window keys: the ring [B, win, hd] as it was before these tokens, then the new
-        tokens -> keys [B, win + S, hd] and the mask [B, S, win + S] of those each query sees."""
-        win = self.args.sliding_window
+    def window(self, rings: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor):
+        """Sliding-window keys: the slots' rings [B, win, hd] as they were before these tokens, then
+        the new tokens -> keys [B, win + S, hd] and the mask [B, S, win + S] of those each query sees."""
+        win, ring = self.args.sliding_window, rings[slots]
         last = (pos[:, 0] - 1).unsqueeze(1)                                    # [B, 1]
         ring_pos = last - (last - torch.arange(win, device=kv.device)) % win  # [B, win]
         key_pos = torch.cat([ring_pos, pos], dim=1).unsqueeze(1)
         qp = pos.unsqueeze(-1)
         return torch.cat([ring, kv], dim=1), (key_pos >= 0) & (key_pos <= qp) & (key_pos > qp - win)
 
-    def attend(self, q, window, window_mask, entries, comp_mask, sink, pos, freqs) -> torch.Tensor:
-        """Sparse MQA over the window and (compressed layers) the compressed entries, then the
-        inverse RoPE of the output -> [B, S, H, hd]."""
+    def attend(self, q, window, window_mask, entries, slots, comp_mask, sink, pos, freqs) -> torch.Tensor:
+        """Sparse MQA over the window and (compressed layers) the slots' compressed entries (of all
+        slots' [N, C, hd]), then the inverse RoPE of the output -> [B, S, H, hd]."""
         a = self.args
         keys, mask = window, window_mask
         if entries is not None:
-            keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, comp_mask], dim=-1)
+            keys, mask = torch.cat([keys, entries[slots]], dim=1), torch.cat([mask, comp_mask], dim=-1)
         o = sparse_attention(q, keys, mask, sink, a.head_dim ** -0.5)
         return apply_rope(o, pos, freqs, a.qk_rope_head_dim, inverse=True)
 
@@ -469,14 +479,18 @@ class DeepseekV4:
     def expert(self, x: torch.Tensor, prefix: str, weight: torch.Tensor | None, clamp: bool) -> torch.Tensor:
         """SwiGLU expert w2(silu(w1 x) * (w3 x)); routed experts clamp at swiglu_limit and apply
         the routing weight before w2, as DeepSeek's reference does."""
-        gate, up = wide(self.linear(x, f"{prefix}w1")), wide(self.linear(x, f"{prefix}w3"))
-        if clamp:
-            limit = self.args.swiglu_limit
+        h = self.swiglu(self.linear(x, f"{prefix}w1"), self.linear(x, f"{prefix}w3"), weight,
+                        self.args.swiglu_limit if clamp else None)
+        return self.linear(h.to(x.dtype), f"{prefix}w2")
+
+    @staticmethod
+    def swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None, limit: float | None) -> torch.Tensor:
+        """silu(gate) * up in fp32, both clamped at `limit` if given (routed experts), times the routing weight."""
+        gate, up = wide(gate), wide(up)
+        if limit is not None:
             gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
         h = F.silu(gate) * up
-        if weight is not None:
-            h = weight * h
-        return self.linear(h.to(x.dtype), f"{prefix}w2")
+        return h if weight is None else weight * h
 
     def moe(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool) -> torch.Tensor:
         """x: [B, S, D] -> routed experts + shared expert, [B, S, D]."""
@@ -513,7 +527,7 @@ class DeepseekV4:
         return self.hc_post(self.moe(prefix, x, input_ids, hashed), h, post, comb)
 
     def logits(self, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
-        x = rms_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"], self.args.rms_norm_eps)
+        x = self.norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"])
         head = self.w["head.weight"]  # wide, or kept BF16 by a subclass
         return F.linear(x.to(head.dtype), head).to(wide_dtype(self.dtype))
 
