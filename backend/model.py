@@ -378,7 +378,8 @@ class DeepseekV4:
         """The top `index_topk` of the entries each query may see (those emitted so far) -> mask [B, S, C]
         (fewer where fewer entries exist)."""
         valid = emitted_entries(scores.shape[-1], pos, 4)
-        return valid & stable_topk_mask(scores.masked_fill(~valid, float("-inf")), min(self.args.index_topk, scores.shape[-1]))
+        picked = stable_topk_mask(scores.masked_fill(~valid, float("-inf")), min(self.args.index_topk, scores.shape[-1]))
+        return valid & picked
 
     # --- attention -----------------------------------------------------------------------
     def attention(self, prefix: str, layer: int, x, pos, slots, st: LayerState) -> torch.Tensor:

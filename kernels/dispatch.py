@@ -53,8 +53,7 @@ def linear(x: torch.Tensor, weight, out_dtype: torch.dtype | None = None, groups
         if kind == "sm90":  # one launch for all groups
             return lin.linear_fp8(x.contiguous(), weight, groups, out_dtype=out_dtype)
         return lin.linear_fp8_ref(x, weight, groups).to(out_dtype)
-    w4a16 = isinstance(weight, Mxfp4Weight) or (isinstance(weight, Nvfp4Weight) and kind != "sm100")
-    if w4a16:
+    if isinstance(weight, Mxfp4Weight) or (isinstance(weight, Nvfp4Weight) and kind != "sm100"):  # W4A16
         if kind in ("sm90", "sm100"):  # one launch for all groups
             return lin.linear_w4a16(x.contiguous(), weight, groups).to(out_dtype)
         return lin.linear_w4a16_ref(x, weight, groups).to(out_dtype)

@@ -53,7 +53,7 @@ def linear_w4a16_ref(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
     if not isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
         raise TypeError(f"linear_w4a16 takes NVFP4 or MXFP4 weights, got {type(weight).__name__}")
     x, w = x.half().float(), weight.dequantize()
-    (n, k), r = w.shape, w.shape[0] // groups
+    k, r = w.shape[1], w.shape[0] // groups
     return torch.cat([F.linear(x[:, g * k:(g + 1) * k], w[g * r:(g + 1) * r]) for g in range(groups)], dim=-1)
 
 
@@ -79,7 +79,8 @@ def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
     the groups' global scales [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
     from ..moe.experts import w4_parts
     packed, scales, gscale = w4_parts(weight)
-    (n, k), t, r = weight.shape, x.shape[0], weight.shape[0] // groups
+    (n, k), t = weight.shape, x.shape[0]
+    r = n // groups
     d, route_w, ones = _groups_as_experts(t, groups, x.device)
     if isinstance(weight, Mxfp4Weight):
         gscale = ones  # w4_parts' ones would be a fill kernel per call
