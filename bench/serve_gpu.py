@@ -118,10 +118,12 @@ def main():
 
 
 def run(a, conc, max_seqs, work: Path):
-    # An empty compile cache of this run's own: the first server start compiles every kernel, the
-    # engine and the second start load them (kernels/cute_compile.py).
+    # Empty compile caches of this run's own (the runners' kernels, and Inductor's code with
+    # --compile-attention): the first server start compiles everything, the engine and the second
+    # start load it (kernels/cute_compile.py).
     cache = work / "compile-cache"
-    os.environ["CUTE_DSL_CACHE_DIR"] = str(cache)
+    caches = {"CUTE_DSL_CACHE_DIR": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
+    os.environ.update(caches)
     path = generate(work / "ckpt", flavor="nvidia-nvfp4", size="flash-shaped", layers=a.layers, device="cuda")
     print(f"GPU: {torch.cuda.get_device_name()}; flash-shaped nvidia-nvfp4, {a.layers} layers, "
           f"torch pieces {'compiled' if a.compile_attention else 'eager'}", flush=True)
@@ -132,7 +134,7 @@ def run(a, conc, max_seqs, work: Path):
     engine_rates = {}
     for attempt in ("first (empty compile cache)", "second (warm compile cache)"):
         t0 = time.perf_counter()
-        server = TritonServer(repo, startup_timeout=600, extra_env={"CUTE_DSL_CACHE_DIR": str(cache)}).start()
+        server = TritonServer(repo, startup_timeout=600, extra_env=caches).start()
         print(f"tritonserver {attempt} start: ready in {time.perf_counter() - t0:.1f} s "
               f"({len(list(cache.glob('*.o')))} kernels in the cache)", flush=True)
         if attempt.startswith("first"):

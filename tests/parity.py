@@ -79,7 +79,9 @@ def selection_report(models: dict, vocab: int, steps: int, ref: str, other: str)
     return report
 
 
-def before_first_flip(report: list[dict]) -> list[dict]:
-    """The steps whose every selection matched, up to the first that did not (states differ after)."""
+def split_at_first_flip(report: list[dict]) -> tuple[list[dict], list[dict]]:
+    """-> (the steps whose every selection matched, up to the first that did not (states differ
+    after), that step's own flips: those no earlier layer's flip of the same sequence explains)."""
     first = next((i for i, r in enumerate(report) if r["flips"]), len(report))
-    return report[:first]
+    flips = report[first]["flips"] if first < len(report) else []
+    return report[:first], [f for f in flips if not f["after_a_flip"]]

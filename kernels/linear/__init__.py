@@ -78,9 +78,14 @@ def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
     16-byte vector views): x rows [T * G, K], packed weight [G, R, K/2], scale bytes [G, R, K/block],
     the groups' global scales [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
     from ..moe.experts import w4_parts
-    packed, scales, gscale = w4_parts(weight)
     (n, k), t = weight.shape, x.shape[0]
     r = n // groups
+    if x.shape[1] != groups * k or n % groups:
+        raise ValueError(f"linear_w4a16: x [{t}, {x.shape[1]}] and weight [{n}, {k}] do not make {groups} groups")
+    if k % 128 or r % 64:
+        raise ValueError(f"linear_w4a16: weight [{n}, {k}] in {groups} groups needs K % 128 == 0 and rows per "
+                         "group % 64 == 0")
+    packed, scales, gscale = w4_parts(weight)
     d, route_w, ones = _groups_as_experts(t, groups, x.device)
     if isinstance(weight, Mxfp4Weight):
         gscale = ones  # w4_parts' ones would be a fill kernel per call
@@ -95,20 +100,14 @@ def linear_w4a16(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
     -> fp32 [T, N]. One launch of the MoE's ungated kernel with the groups as experts. Graph safe
     (static shapes, no host syncs); compile first outside any capture (one eager call)."""
     from ..moe import _compiled, _vecs, gemm_config, pair_order  # CuTe DSL is needed only here
-    group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
-    (n, k), t, dev = weight.shape, x.shape[0], x.device
-    r = n // groups
-    if x.shape[1] != groups * k or n % groups:
-        raise ValueError(f"linear_w4a16: x [{t}, {x.shape[1]}] and weight [{n}, {k}] do not make {groups} groups")
-    if k % 128 or r % 64:
-        raise ValueError(f"linear_w4a16: weight [{n}, {k}] in {groups} groups needs K % 128 == 0 and rows per "
-                         "group % 64 == 0")
     x_rows, packed, scales, gscale, route_w, d = w4a16_launch_args(x, weight, groups)
-    out = torch.empty(t, n, dtype=torch.float32, device=dev)
-    kernel = _compiled(False, group, target_arch(dev), **gemm_config(t, groups, r, k))
+    (rows_in, k), r = x_rows.shape, packed.shape[1]
+    out = torch.empty(rows_in, r, dtype=torch.float32, device=x.device)  # rows t * G + g: [T, G * R]
+    group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
+    kernel = _compiled(False, group, target_arch(x.device), **gemm_config(x.shape[0], groups, r, k))
     kernel(_vecs(pair_order(x_rows)), _vecs(packed), scales, gscale, route_w,
-           d.sorted_slots, d.active_experts, d.active_start, d.num_active, out.view(t * groups, r))
-    return out
+           d.sorted_slots, d.active_experts, d.active_start, d.num_active, out)
+    return out.view(x.shape[0], groups * r)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from backend.checkpoint import load_checkpoint
 from backend.gpu_model import DeepseekV4Gpu, split_experts
 from backend.model import CompressorState, DeepseekV4, write_entries_decode, write_entries_emitting
 from kernels.moe import unstack
-from tests.parity import before_first_flip, relative, selection_report, teacher_forced
+from tests.parity import relative, selection_report, split_at_first_flip, teacher_forced
 
 
 def test_split_experts_stacks_every_layer_bit_for_bit(make_checkpoint):
@@ -104,9 +104,7 @@ def test_indexer_picks_match_the_reference_until_a_near_tie(flavor, make_checkpo
     models = {"ref": DeepseekV4(ck.args, ck.weights, runner_activations=True),
               "runner": DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")}
     report = selection_report(models, ck.args.vocab_size, 16, "ref", "runner")
-    matched = before_first_flip(report)
-    first_flips = [f for f in (report[len(matched)]["flips"] if len(matched) < len(report) else [])
-                   if not f["after_a_flip"]]
+    matched, first_flips = split_at_first_flip(report)
     assert all(0 <= f["margin"] < 2e-2 for f in first_flips), first_flips
     if flavor == "all-nvfp4":
         assert max(r["rel"] for r in matched) <= 2e-2 and all(r["agree"] == 4 for r in matched), matched

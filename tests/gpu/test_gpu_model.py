@@ -7,7 +7,7 @@ from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
 from backend.gpu_model import DeepseekV4Gpu
 from backend.model import DeepseekV4
-from tests.parity import LENGTHS, before_first_flip, prefill, prompts, relative, selection_report, teacher_forced
+from tests.parity import LENGTHS, prefill, prompts, relative, selection_report, split_at_first_flip, teacher_forced
 
 pytestmark = pytest.mark.gpu
 
@@ -52,13 +52,11 @@ def test_indexer_picks_on_the_gpu_match_the_reference_until_a_near_tie(flavor, m
     models = {"ref": DeepseekV4(ck.args, ck.weights, simulate_qat=True, runner_activations=True),
               "gpu": DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda")}
     report = selection_report(models, ck.args.vocab_size, 16, "ref", "gpu")
-    matched = before_first_flip(report)
+    matched, first_flips = split_at_first_flip(report)
     print(f"{flavor}: picks identical for {len(matched)} of 17 steps, logits within "
           f"{max((r['rel'] for r in matched), default=0):.2e} and {sum(r['agree'] for r in matched)}/{4 * len(matched)} greedy "
           f"tokens there; flips (step, layer, slot, margin, after an earlier flip): "
           f"{[(i, f['layer'], f['slot'], round(f['margin'], 4), f['after_a_flip']) for i, r in enumerate(report) for f in r['flips']]}")
-    first_flips = [f for f in (report[len(matched)]["flips"] if len(matched) < len(report) else [])
-                   if not f["after_a_flip"]]
     assert all(0 <= f["margin"] < 5e-2 for f in first_flips), first_flips
 
 

@@ -110,3 +110,13 @@ def test_dense_w4a16_operands_give_the_twin_through_the_grouped_kernel(fmt, grou
     assert packed.data_ptr() == w.weight.data_ptr() and route_w.shape == (t * groups,)
     out = _grouped_kernel_semantics(x_rows, packed, scales, gscale, d, fmt).view(t, groups * rows)
     assert torch.allclose(out, linear_w4a16_ref(x, w, groups), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_w4a16_rejects_shapes_it_cannot_split_into_groups():
+    from kernels.formats import quantize_mxfp4
+    from kernels.linear import w4a16_launch_args
+    w = quantize_mxfp4(torch.randn(128, 256, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match=r"x \[2, 300\] and weight \[128, 256\] do not make 1 groups"):
+        w4a16_launch_args(torch.randn(2, 300), w)
+    with pytest.raises(ValueError, match="rows per group % 64 == 0"):
+        w4a16_launch_args(torch.randn(2, 4 * 256), w, groups=4)  # 32 rows per group
