@@ -23,7 +23,7 @@ import torch
 from kernels import dispatch
 from kernels.cute_compile import cache_root
 from kernels.mhc import mhc_coefficients
-from kernels.formats import Mxfp4Weight
+from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight
 from kernels.moe import stack_experts
 from kernels.moe.experts import check_mxfp4_scales
 
@@ -31,6 +31,22 @@ from .config import ModelArgs
 from .model import DeepseekV4, ModelState
 
 _EXPERT = re.compile(r"^(.*ffn\.)experts\.(\d+)\.(w[123])$")
+# Linears that read the same input, run as one GEMM on their stacked rows (names under a layer's
+# prefix): a small FP8 GEMM costs ~5 us of launch and ramp-up beyond its bytes, and its input
+# quantization another launch (bench/NOTES.md), so one GEMM of both is cheaper than two.
+SAME_INPUT_LINEARS = (("attn.wq_a", "attn.wkv"), ("ffn.shared_experts.w1", "ffn.shared_experts.w3"))
+
+
+def stack_rows(weights: list):
+    """One weight with the rows of `weights` in order (a bit-preserving copy), or None where the
+    format cannot stack them: FP8 block-128 with whole 128-row blocks and one scale dtype (other
+    formats carry a per-tensor scale or are not stacked)."""
+    if not all(isinstance(w, Fp8BlockWeight) for w in weights):
+        return None
+    if any(w.weight.shape[0] % FP8_BLOCK or w.scale.dtype != weights[0].scale.dtype or
+           w.weight.shape[1] != weights[0].weight.shape[1] for w in weights):
+        return None
+    return Fp8BlockWeight(torch.cat([w.weight for w in weights]), torch.cat([w.scale for w in weights]))
 
 
 def split_experts(weights: dict) -> tuple[dict, dict]:
@@ -75,6 +91,7 @@ class DeepseekV4Gpu(DeepseekV4):
         self.stacks = {prefix: s.to(self.device) for prefix, s in stacks.items()}
         self.w["head.weight"] = head.to(self.device, torch.bfloat16)  # 1 GB in BF16 for V4: not widened
         self._decoding = False
+        self.stacked = self._stack_same_input_weights()
         if compile_attention:
             # Weights are arguments, so all layers share one compiled graph per piece; dynamic
             # shapes, so the batch sizes of the graph ladder share it too (size 1 specializes).
@@ -86,6 +103,36 @@ class DeepseekV4Gpu(DeepseekV4):
             _cache_inductor_next_to_the_kernels()
             for name in COMPILED_PIECES:
                 setattr(self, name, self._for_decode(getattr(self, name), torch.compile(getattr(self, name), dynamic=True)))
+
+    def _stack_same_input_weights(self) -> dict:
+        """Replace same-input linears by one stacked weight each (SAME_INPUT_LINEARS, FP8 only) and
+        the compressors' wkv and wgate by one (fp32 here). -> {(names): (stacked name, rows each)}."""
+        stacked = {}
+        prefixes = {n[:-len(SAME_INPUT_LINEARS[0][0])] for n in self.w if n.endswith(SAME_INPUT_LINEARS[0][0])}
+        for prefix in sorted(prefixes):
+            for group in SAME_INPUT_LINEARS:
+                names = tuple(prefix + n for n in group)
+                if not all(n in self.w for n in names):
+                    continue
+                w = stack_rows([self.w[n] for n in names])
+                if w is not None:
+                    stacked[names] = ("+".join(names), [self.w[n].shape[0] for n in names])
+                    self.w[stacked[names][0]] = w
+                    for n in names:
+                        del self.w[n]
+        for name in [n for n in self.w if n.endswith("compressor.wkv.weight")]:
+            gate = name.replace(".wkv.", ".wgate.")
+            self.w[name.replace(".wkv.", ".wkv+wgate.")] = torch.cat([self.w.pop(name), self.w.pop(gate)])
+        return stacked
+
+    def linears(self, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        if names not in self.stacked:
+            return super().linears(x, names)
+        name, rows = self.stacked[names]
+        return self.linear(x, name).split(rows, dim=-1)
+
+    def compressor_linears(self, prefix: str):
+        return self.w[f"{prefix}wkv+wgate.weight"], None
 
     def _for_decode(self, eager, compiled):
         return lambda *args: compiled(*args) if self._decoding else eager(*args)

@@ -254,6 +254,11 @@ class DeepseekV4:
             x = x.to(torch.float16).to(x.dtype)  # the W4A16 runners' activation format
         return linear_ref(x, self.w[name], quantize_input=self.simulate_qat)
 
+    def linears(self, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        """Several linears of the same input (wq_a and wkv; an expert's w1 and w3). A subclass may
+        run them as one GEMM on their stacked rows (backend.gpu_model)."""
+        return tuple(self.linear(x, name) for name in names)
+
     # --- mHC -----------------------------------------------------------------------------
     def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
         """x: [B, S, hc, D] -> the sublayer's input [B, S, D] (streams mixed by `pre`, then its
@@ -293,20 +298,26 @@ class DeepseekV4:
                  st: CompressorState, ratio: int, head_dim: int, rotate: bool) -> None:
         """Feed S tokens to a compressor; every `ratio`-th token emits one entry into st.entries
         (compressor_step, with this compressor's weights)."""
-        self.compressor_step(x, pos, slots, st.kv, st.score, st.entries, self.w[f"{prefix}wkv.weight"],
-                             self.w[f"{prefix}wgate.weight"], self.w[f"{prefix}ape"], self.w[f"{prefix}norm.weight"],
-                             ratio, head_dim, rotate)
+        self.compressor_step(x, pos, slots, st.kv, st.score, st.entries, *self.compressor_linears(prefix),
+                             self.w[f"{prefix}ape"], self.w[f"{prefix}norm.weight"], ratio, head_dim, rotate)
+
+    def compressor_linears(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The compressor's (wkv, wgate); a subclass may give (wkv and wgate stacked, None)."""
+        return self.w[f"{prefix}wkv.weight"], self.w[f"{prefix}wgate.weight"]
 
     def compressor_step(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, kv_state_all: torch.Tensor,
-                        score_state_all: torch.Tensor, entries: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor,
+                        score_state_all: torch.Tensor, entries: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor | None,
                         ape: torch.Tensor, norm: torch.Tensor, ratio: int, head_dim: int, rotate: bool) -> None:
         """x: [B, S, D]; pos: [B, S]; the state tensors are updated in place. Token p is written to
         its window row; when (p+1) % ratio == 0 the window is pooled (softmax over rows of score +
         ape, per channel) into entry p // ratio, normalized, rotated at the window's first position
-        and QAT-rounded."""
+        and QAT-rounded. wgate None: wkv holds wkv's rows then wgate's (one GEMM)."""
         overlap, d = ratio == 4, head_dim
-        kv_all = F.linear(wide(x), wkv)                            # [B, S, coff*d] fp32
-        score_all = F.linear(wide(x), wgate)                       # ape: [ratio, coff*d]
+        if wgate is None:
+            kv_all, score_all = F.linear(wide(x), wkv).chunk(2, dim=-1)
+        else:
+            kv_all = F.linear(wide(x), wkv)                        # [B, S, coff*d] fp32
+            score_all = F.linear(wide(x), wgate)                   # ape: [ratio, coff*d]
         rows = torch.arange(x.shape[0], device=x.device)
         kv_state, score_state = kv_state_all[slots], score_state_all[slots]  # local copies, written back below
         pooled = []
@@ -389,9 +400,10 @@ class DeepseekV4:
         ratio = a.compress_ratio(layer)
         freqs = self.freqs[ratio > 0]
         p = f"{prefix}attn."
-        qr = self.norm(self.linear(x, f"{p}wq_a"), self.w[f"{p}q_norm.weight"])
+        q_lora, kv = self.linears(x, (f"{p}wq_a", f"{p}wkv"))
+        qr = self.norm(q_lora, self.w[f"{p}q_norm.weight"])
         q = self.query_heads(self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim)), pos, freqs)
-        kv = self.kv_entry(self.linear(x, f"{p}wkv"), self.w[f"{p}kv_norm.weight"], pos, freqs)
+        kv = self.kv_entry(kv, self.w[f"{p}kv_norm.weight"], pos, freqs)
         window, window_mask = self.window(st.ring, slots, kv, pos)
         self.ring_write(st.ring, slots, pos, kv)
 
@@ -480,8 +492,8 @@ class DeepseekV4:
     def expert(self, x: torch.Tensor, prefix: str, weight: torch.Tensor | None, clamp: bool) -> torch.Tensor:
         """SwiGLU expert w2(silu(w1 x) * (w3 x)); routed experts clamp at swiglu_limit and apply
         the routing weight before w2, as DeepSeek's reference does."""
-        h = self.swiglu(self.linear(x, f"{prefix}w1"), self.linear(x, f"{prefix}w3"), weight,
-                        self.args.swiglu_limit if clamp else None)
+        gate, up = self.linears(x, (f"{prefix}w1", f"{prefix}w3"))
+        h = self.swiglu(gate, up, weight, self.args.swiglu_limit if clamp else None)
         return self.linear(h.to(x.dtype), f"{prefix}w2")
 
     @staticmethod

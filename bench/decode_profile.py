@@ -1,20 +1,26 @@
 """Where a decode step's GPU time goes (GPU, diagnostic): one step of the runner model on a
 flash-shaped checkpoint under torch.profiler, replayed from its CUDA graph (as served) or eager,
 kernels grouped by name, top entries by total time, and the step's wall time against its kernel
-time (the difference is the gaps between kernels).
+time (the difference is the gaps between kernels). An eager step (`--eager-step`) also gets its
+kernels attributed to the model's pieces and linears (per weight name), which a graph replay cannot;
+only kernels launched through torch are attributed (the CuTe DSL runners' launches have no profiler
+op: find them in the per-kernel table).
 
     python -m bench.decode_profile [--layers 2] [--batch 1] [--pieces eager|compiled] [--eager-step]
 """
 import argparse
+import re
 import tempfile
 import time
+from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
-from backend.gpu_model import DeepseekV4Gpu
+from backend.gpu_model import COMPILED_PIECES, DeepseekV4Gpu
 from backend.synthetic import generate
 from bench.timing import require_gpu
 
@@ -38,6 +44,7 @@ def main():
     state = model.new_state(b + 1, 256, with_mtp=False)
     tokens, positions, slots = torch.randint(2, 4000, (b,)).tolist(), [17] * b, list(range(b))
     if a.eager_step:
+        label_pieces(model)
         tok, pos, sl = (torch.tensor(tokens, device="cuda").view(b, 1), torch.tensor(positions, device="cuda"),
                         torch.arange(b, device="cuda"))
         step = lambda: model.forward(tok, pos, sl, state)  # noqa: E731
@@ -52,10 +59,10 @@ def main():
         step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) / 10 * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     launches = sum(e.count for e in events)
     how = "eager step" if a.eager_step else "graph replay"
@@ -67,6 +74,49 @@ def main():
     for e in sorted(events, key=lambda e: -e.device_time_total)[:a.top]:
         print(f"| {e.key[:90]} | {e.count} | {e.device_time_total:.0f} | {e.device_time_total / e.count:.1f} "
               f"| {e.device_time_total / total:.1%} |")
+    if a.eager_step:
+        print_by_piece(prof, a.layers)
+
+
+# What an eager step's kernels are attributed to: the innermost of these calls that launched them.
+_RUNNER_CALLS = ("linear", "grouped_linear", "mix_coefficients", "moe", "logits", "embed")
+_LABELLED = set()
+_LAYER_PREFIX = re.compile(r"(mtp\.\d+\.|layers\.\d+\.)")
+
+
+def label_pieces(model) -> None:
+    """Wrap the model's pieces and runner calls (instance attributes) in profiler ranges named
+    after them; linears by weight name without the layer index."""
+    def labelled(name, fn):
+        def call(*args):
+            label = name
+            if name in ("linear", "grouped_linear"):
+                label = f"{name}:{_LAYER_PREFIX.sub('', args[1])}"
+            _LABELLED.add(label)
+            with torch.profiler.record_function(label):
+                return fn(*args)
+        return call
+    for name in COMPILED_PIECES + _RUNNER_CALLS:
+        setattr(model, name, labelled(name, getattr(model, name)))
+
+
+def print_by_piece(prof, layers: int) -> None:
+    totals = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU or e.self_device_time_total <= 0 or e.name in _LABELLED:
+            continue
+        owner = e.cpu_parent
+        while owner is not None and owner.name not in _LABELLED:
+            owner = owner.cpu_parent
+        entry = totals[owner.name if owner is not None else "(outside any piece)"]
+        entry[0] += max(len(e.kernels), 1)
+        entry[1] += e.self_device_time_total
+    total = sum(t for _, t in totals.values())
+    print(f"\nBy piece ({total / 1e3:.3f} ms of kernel time attributed; per layer = total / {layers}):")
+    print("| piece | kernels | total us | per layer us | share |")
+    print("|---|---|---|---|---|")
+    for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {name} | {n} | {t:.0f} | {t / layers:.1f} | {t / total:.1%} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ streaming. Prints output tokens/s and per-token latency per concurrency, the ser
 against the in-process engine, and the start-up times: the first server start compiles every
 kernel into an empty compile cache, the engine and the second start load them.
 
-    python -m bench.serve_gpu [--layers 4] [--concurrency 1,8,32] [--max-tokens 32] [--compile-attention]
+    python -m bench.serve_gpu [--layers 4] [--concurrency 1,8,32] [--max-tokens 32] [--pieces compiled|eager]
 """
 import argparse
 import gc
@@ -106,8 +106,10 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--compile-attention", action="store_true", help="the torch pieces via torch.compile (engine setting)")
+    p.add_argument("--pieces", choices=("compiled", "eager"), default="compiled",
+                   help="the torch pieces between the runners through torch.compile (compile_attention, the default) or eager")
     a = p.parse_args()
+    a.compile_attention = a.pieces == "compiled"
     conc = [int(c) for c in a.concurrency.split(",")]
     max_seqs = max(conc)
     work = Path(tempfile.mkdtemp(prefix="serve-gpu-"))

@@ -18,7 +18,9 @@ class EngineConfig:
     simulate_qat: bool = False      # the reference model's QAT simulation (see backend.model)
     kernels: bool = True            # on CUDA: the model on the kernel runners (backend.gpu_model)
     cuda_graphs: bool = True        # on CUDA with kernels: decode from pre-captured graphs
-    compile_attention: bool = False  # on CUDA with kernels: the torch pieces between runners via torch.compile
+    # on CUDA with kernels: the torch pieces between runners via torch.compile (minutes at the
+    # first start, cached on disk; bench/NOTES.md has what it gains)
+    compile_attention: bool = True
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from backend.checkpoint import load_checkpoint
-from backend.gpu_model import DeepseekV4Gpu, split_experts
+from backend.gpu_model import DeepseekV4Gpu, split_experts, stack_rows
 from backend.model import CompressorState, DeepseekV4, write_entries_decode, write_entries_emitting
 from kernels.moe import unstack
 from tests.parity import relative, selection_report, split_at_first_flip, teacher_forced
@@ -20,6 +20,40 @@ def test_split_experts_stacks_every_layer_bit_for_bit(make_checkpoint):
     w1, w2, w3 = unstack(stacks["layers.1.ffn."], 5)
     assert torch.equal(w2.weight, ck.weights["layers.1.ffn.experts.5.w2"].weight.view(torch.uint8))
     assert torch.equal(w3.weight_scale.view(torch.uint8), ck.weights["layers.1.ffn.experts.5.w3"].weight_scale.view(torch.uint8))
+
+
+def test_stacked_same_input_linears_are_the_checkpoint_rows(make_checkpoint):
+    """wq_a || wkv and the shared w1 || w3 (FP8) and each compressor's wkv || wgate become one
+    weight of the checkpoint's rows, bit for bit, and give what the separate linears give."""
+    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
+    model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
+    ref = DeepseekV4(ck.args, ck.weights, simulate_qat=True)
+    x = torch.randn(3, ck.args.hidden_size, generator=torch.Generator().manual_seed(2))
+    for prefix in ("layers.0.", "layers.2.", "mtp.0."):
+        for names in ((f"{prefix}attn.wq_a", f"{prefix}attn.wkv"),
+                      (f"{prefix}ffn.shared_experts.w1", f"{prefix}ffn.shared_experts.w3")):
+            assert names in model.stacked and not any(n in model.w for n in names)
+            stacked = model.w[model.stacked[names][0]]
+            assert torch.equal(stacked.weight.view(torch.uint8),
+                               torch.cat([ck.weights[n].weight for n in names]).view(torch.uint8))
+            assert torch.equal(stacked.scale.view(torch.uint8),
+                               torch.cat([ck.weights[n].scale for n in names]).view(torch.uint8))
+            for y, n in zip(model.linears(x, names), names):
+                torch.testing.assert_close(y, ref.linear(x, n), rtol=1e-6, atol=1e-6)
+    wkv, wgate = model.compressor_linears("layers.2.attn.compressor.")
+    assert wgate is None and torch.equal(wkv, torch.cat([ref.w["layers.2.attn.compressor.wkv.weight"],
+                                                          ref.w["layers.2.attn.compressor.wgate.weight"]]))
+
+
+def test_stack_rows_refuses_what_it_cannot_stack(make_checkpoint):
+    from kernels.formats import Fp8BlockWeight
+    fp8 = load_checkpoint(make_checkpoint("nvidia-nvfp4")).weights
+    nvfp4 = load_checkpoint(make_checkpoint("all-nvfp4")).weights
+    assert stack_rows([nvfp4["layers.0.attn.wq_a"], nvfp4["layers.0.attn.wkv"]]) is None  # a global scale each
+    w = fp8["layers.0.attn.wq_a"]
+    half_block = Fp8BlockWeight(w.weight[:64], w.scale[:1])
+    assert stack_rows([half_block, w]) is None
+    assert stack_rows([w, Fp8BlockWeight(w.weight, w.scale.float())]) is None  # E8M0 with fp32 scales
 
 
 def test_decode_entry_write_equals_the_emitting_tokens_write():
