@@ -2,8 +2,12 @@
 
 execute() never blocks: it validates each request, hands it to the engine thread and returns.
 Engine outputs go through a queue to a sender thread, which owns all socket I/O. Every request gets
-exactly one response flagged FINAL: on success, error, cancellation and shutdown alike.
+exactly one response flagged FINAL: on success, error, cancellation and shutdown alike. When the
+sender falls behind the engine, a streamed request's queued outputs go out as one response (their
+text and ids joined): each response costs the python backend a fixed time, which would otherwise
+cap the tokens/s of many streams.
 """
+import dataclasses
 import json
 import logging
 import queue
@@ -25,6 +29,21 @@ class _Request:
     def __init__(self, sender, parsed, prompt_text):
         self.sender, self.parsed, self.prompt_text = sender, parsed, prompt_text
         self.text, self.token_ids, self.cancelled = "", [], False
+
+
+def _joined(items):
+    """(request, output) pairs in queue order -> one (request, output) per request, its outputs'
+    text and ids joined in order, the last one's flags and counts. An error is never joined."""
+    joined = {}
+    for state, out in items:
+        key = id(state)
+        if key in joined and joined[key][1].error is None and out.error is None:
+            prev = joined[key][1]
+            out = dataclasses.replace(out, text=prev.text + out.text, token_ids=prev.token_ids + out.token_ids)
+        elif key in joined:  # an error next to other outputs: keep them apart, in order
+            key = (key, len(joined))
+        joined[key] = (state, out)
+    return list(joined.values())
 
 
 class TritonPythonModel:
@@ -82,14 +101,17 @@ class TritonPythonModel:
 
     def _response_loop(self):
         while True:
-            item = self._outputs.get()
-            if item is None:
+            items = [self._outputs.get()]
+            while not self._outputs.empty():
+                items.append(self._outputs.get())
+            done = None in items
+            for state, out in _joined(items[:items.index(None)] if done else items):
+                try:
+                    self._respond(state, out)
+                except Exception as exc:  # a broken connection must not stop the other requests
+                    log.error("[deepseek_v4] sending a response for request %s failed: %s", out.request_id, exc)
+            if done:
                 return
-            state, out = item
-            try:
-                self._respond(state, out)
-            except Exception as exc:  # a broken connection must not stop the other requests
-                log.error("[deepseek_v4] sending a response for request %s failed: %s", out.request_id, exc)
 
     def _respond(self, state, out):
         if state.cancelled:
