@@ -68,6 +68,9 @@ def split_experts(weights: dict) -> tuple[dict, dict]:
 # batch; torch.compile fuses each into a few.
 COMPILED_PIECES = ("norm", "query_heads", "kv_entry", "window", "ring_write", "attend", "compressor_step",
                    "index_scores", "index_select", "hc_mixes", "sublayer_input", "hc_post", "routing", "swiglu")
+# Pieces compiled in another form of the same math that compiles to faster code (the fp32 sums in
+# another order); eager calls keep the reference's form.
+COMPILED_FORMS = {"hc_mixes": "hc_mixes_in_chunks"}
 
 
 def _cache_inductor_next_to_the_kernels() -> None:
@@ -102,7 +105,8 @@ class DeepseekV4Gpu(DeepseekV4):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             _cache_inductor_next_to_the_kernels()
             for name in COMPILED_PIECES:
-                setattr(self, name, self._for_decode(getattr(self, name), torch.compile(getattr(self, name), dynamic=True)))
+                form = getattr(self, COMPILED_FORMS.get(name, name))
+                setattr(self, name, self._for_decode(getattr(self, name), torch.compile(form, dynamic=True)))
 
     def _stack_same_input_weights(self) -> dict:
         """Replace same-input linears by one stacked weight each (SAME_INPUT_LINEARS, FP8 only) and
@@ -133,6 +137,18 @@ class DeepseekV4Gpu(DeepseekV4):
 
     def compressor_linears(self, prefix: str):
         return self.w[f"{prefix}wkv+wgate.weight"], None
+
+    def hc_mixes_in_chunks(self, x: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+        """hc_mixes with K (hc * D = 16384 in V4) in 64 chunks through a batched GEMM, then their
+        sum: its 24 outputs give one GEMM too few blocks (H200, compiled, batch 8: 8 us per call
+        against 16; bench/NOTES.md). Not the eager form: the reordered fp32 sums move the tiny CPU
+        models' FP8-rounded activations, which the CPU parity tests compare bit for bit."""
+        flat = x.flatten(2).float()
+        b, s, k = flat.shape
+        chunks = 64 if k % 64 == 0 else 1
+        partial = torch.einsum("tcl,ncl->tnc", flat.reshape(b * s, chunks, -1), fn.view(fn.shape[0], chunks, -1))
+        rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.args.rms_norm_eps)
+        return partial.sum(-1).view(b, s, -1) * rms
 
     def _for_decode(self, eager, compiled):
         return lambda *args: compiled(*args) if self._decoding else eager(*args)

@@ -188,7 +188,7 @@ def test_each_compiled_piece_computes_what_the_eager_one_does(make_checkpoint):
     the same results and in-place state updates as eager, to fp32 reordering (Inductor's C++
     backend here, Triton on a GPU), and no tensor built from host data inside (the first GPU run
     failed its graph capture on the E2M1 table of the indexer's FP4 rounding)."""
-    from backend.gpu_model import COMPILED_PIECES
+    from backend.gpu_model import COMPILED_FORMS, COMPILED_PIECES
     torch._dynamo.reset()
     ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
     model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
@@ -206,11 +206,11 @@ def test_each_compiled_piece_computes_what_the_eager_one_does(make_checkpoint):
     assert sorted(calls) == sorted(COMPILED_PIECES)
     for name, args in calls.items():
         delattr(model, name)  # the recorder goes: the method (or static function) again
-        eager_fn = getattr(model, name)
-        assert not _host_built_tensors(eager_fn, args), name
+        eager_fn, form = getattr(model, name), getattr(model, COMPILED_FORMS.get(name, name))
+        assert not _host_built_tensors(form, args), name
         want_args, got_args = [_clone(a) for a in args], [_clone(a) for a in args]
         want = _outputs(eager_fn(*want_args), want_args)
-        got = _outputs(torch.compile(eager_fn, dynamic=True)(*got_args), got_args)
+        got = _outputs(torch.compile(form, dynamic=True)(*got_args), got_args)
         for w, o in zip(want, got, strict=True):
             if w.is_floating_point():
                 assert torch.allclose(o, w, rtol=1e-5, atol=1e-6), (name, (o - w).abs().max().item())

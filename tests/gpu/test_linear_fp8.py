@@ -17,6 +17,9 @@ SHAPES = {
     "pro.wq_a": (1536, 7168, 1), "pro.wq_b": (65536, 1536, 1), "pro.wkv": (512, 7168, 1),
     "pro.wo_a": (16 * 1024, 4096, 16), "pro.wo_b": (7168, 16384, 1), "pro.shared_w1": (3072, 7168, 1),
     "pro.shared_w2": (7168, 3072, 1), "pro.indexer_wq_b": (8192, 1536, 1),
+    # same-input linears the runner model runs as one GEMM on stacked rows (backend.gpu_model)
+    "flash.wq_a+wkv": (1536, 4096, 1), "flash.shared_w1+w3": (4096, 4096, 1),
+    "pro.wq_a+wkv": (2048, 7168, 1), "pro.shared_w1+w3": (6144, 7168, 1),
 }
 
 
