@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 
 import torch
 
 from kernels import dispatch
 from kernels.cute_compile import cache_root
 from kernels.mhc import mhc_coefficients
-from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight
+from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight, quantize_activation_fp8
 from kernels.moe import stack_experts
 from kernels.moe.experts import check_mxfp4_scales
 
@@ -71,6 +72,22 @@ COMPILED_PIECES = ("norm", "query_heads", "kv_entry", "window", "ring_write", "a
 # Pieces compiled in another form of the same math that compiles to faster code (the fp32 sums in
 # another order); eager calls keep the reference's form.
 COMPILED_FORMS = {"hc_mixes": "hc_mixes_in_chunks"}
+# Pieces whose output feeds FP8 linears (the q LoRA norm: wq_b and the indexer's wq_b; the mHC
+# sublayer input: wq_a||wkv and the shared w1||w3; attention: wo_a; the shared SwiGLU: w2). Their
+# compiled forms also quantize the output as the FP8 runner would (quantize_activation_fp8, the
+# runner quantizer's twin, bit for bit), fused with the piece, and those linears take that instead
+# of launching the quantizer each.
+QUANTIZING_PIECES = ("norm", "sublayer_input", "attend", "swiglu")
+
+
+def _quantizing(piece):
+    """piece's output y, and y's FP8 activation quantization (rows = tokens), or None where its
+    width is not whole 128-blocks."""
+    def quantizing(*args):
+        y = piece(*args)
+        rows = y.reshape(y.shape[0] * y.shape[1], -1) if y.dim() > 2 else y
+        return (y, *quantize_activation_fp8(rows)) if rows.shape[-1] % FP8_BLOCK == 0 else (y, None, None)
+    return quantizing
 
 
 def _cache_inductor_next_to_the_kernels() -> None:
@@ -95,6 +112,7 @@ class DeepseekV4Gpu(DeepseekV4):
         self.w["head.weight"] = head.to(self.device, torch.bfloat16)  # 1 GB in BF16 for V4: not widened
         self._decoding = False
         self.stacked = self._stack_same_input_weights()
+        self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
         if compile_attention:
             # Weights are arguments, so all layers share one compiled graph per piece; dynamic
             # shapes, so the batch sizes of the graph ladder share it too (size 1 specializes).
@@ -104,9 +122,12 @@ class DeepseekV4Gpu(DeepseekV4):
             # would run eagerly (seen on an H200 for the compressor), so the limit is raised.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             _cache_inductor_next_to_the_kernels()
+            has_fp8 = any(isinstance(w, Fp8BlockWeight) for w in self.w.values())
             for name in COMPILED_PIECES:
                 form = getattr(self, COMPILED_FORMS.get(name, name))
-                setattr(self, name, self._for_decode(getattr(self, name), torch.compile(form, dynamic=True)))
+                quantizes = has_fp8 and name in QUANTIZING_PIECES
+                compiled = torch.compile(_quantizing(form) if quantizes else form, dynamic=True)
+                setattr(self, name, self._for_decode(getattr(self, name), compiled, quantizes))
 
     def _stack_same_input_weights(self) -> dict:
         """Replace same-input linears by one stacked weight each (SAME_INPUT_LINEARS, FP8 only) and
@@ -150,12 +171,34 @@ class DeepseekV4Gpu(DeepseekV4):
         rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.args.rms_norm_eps)
         return partial.sum(-1).view(b, s, -1) * rms
 
-    def _for_decode(self, eager, compiled):
-        return lambda *args: compiled(*args) if self._decoding else eager(*args)
+    def _for_decode(self, eager, compiled, quantizes: bool):
+        def call(*args):
+            if not self._decoding:
+                return eager(*args)
+            if not quantizes:
+                return compiled(*args)
+            y, q, scale = compiled(*args)
+            if q is not None:
+                self._fp8_inputs[y.data_ptr()] = (weakref.ref(y), q, scale)
+            return y
+        return call
+
+    def _fp8_input(self, x: torch.Tensor):
+        """x's FP8 quantization if a piece made it (x is that piece's output, or a view of all of
+        it), else None."""
+        entry = self._fp8_inputs.get(x.data_ptr())
+        y = entry[0]() if entry is not None else None  # alive: its memory is not another tensor's
+        if y is None or y.numel() != x.numel() or not (x.is_contiguous() and y.is_contiguous()):
+            return None
+        return entry[1], entry[2]
 
     def forward(self, input_ids: torch.Tensor, start_pos, slots, state: ModelState, all_logits: bool = False):
         self._decoding = input_ids.shape[1] == 1
-        return super().forward(input_ids, start_pos, slots, state, all_logits)
+        self._fp8_inputs.clear()
+        try:
+            return super().forward(input_ids, start_pos, slots, state, all_logits)
+        finally:
+            self._fp8_inputs.clear()
 
     def mix_coefficients(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor):
         if dispatch.backend(self.device) == "twin":
@@ -164,13 +207,16 @@ class DeepseekV4Gpu(DeepseekV4):
         return mhc_coefficients(mixes, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)  # one kernel
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        shape = x.shape
-        y = dispatch.linear(x.reshape(-1, shape[-1]), self.w[name])
+        shape, w = x.shape, self.w[name]
+        quantized = self._fp8_input(x) if isinstance(w, Fp8BlockWeight) else None
+        y = dispatch.linear(quantized or x.reshape(-1, shape[-1]), w, out_dtype=x.dtype)
         return y.view(*shape[:-1], -1)
 
     def grouped_linear(self, o: torch.Tensor, name: str) -> torch.Tensor:
         b, s, g, k = o.shape
-        return dispatch.linear(o.reshape(b * s, g * k), self.w[name], groups=g).view(b, s, g, -1)
+        w = self.w[name]
+        quantized = self._fp8_input(o) if isinstance(w, Fp8BlockWeight) else None
+        return dispatch.linear(quantized or o.reshape(b * s, g * k), w, out_dtype=o.dtype, groups=g).view(b, s, g, -1)
 
     def moe(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool) -> torch.Tensor:
         shape = x.shape

@@ -43,16 +43,22 @@ def backend(device: torch.device) -> str:
     return chosen
 
 
-def linear(x: torch.Tensor, weight, out_dtype: torch.dtype | None = None, groups: int = 1) -> torch.Tensor:
+def linear(x, weight, out_dtype: torch.dtype | None = None, groups: int = 1) -> torch.Tensor:
     """y = x @ W^T on the device's runner for W's format; x bf16 or fp32 [T, K] (fp32 saves FP8 a
-    double rounding), y in out_dtype (default: x's). groups > 1: W is block-diagonal [groups*R, K]
-    and x [T, groups*K]; group g reads x[:, g*K:(g+1)*K] and gives y[:, g*R:(g+1)*R] (wo_a)."""
+    double rounding), y in out_dtype (default: x's, fp32 for a pair). For an FP8 block-128 W, x may
+    also come quantized already: (E4M3 [T, K], fp32 scales [T, K/128]) as quantize_activation_fp8
+    gives them. groups > 1: W is block-diagonal [groups*R, K] and x [T, groups*K]; group g reads
+    x[:, g*K:(g+1)*K] and gives y[:, g*R:(g+1)*R] (wo_a)."""
     from . import linear as lin
-    kind, out_dtype = backend(x.device), out_dtype or x.dtype
+    quantized = isinstance(x, tuple)
+    kind = backend((x[0] if quantized else x).device)
+    out_dtype = out_dtype or (torch.float32 if quantized else x.dtype)
     if isinstance(weight, Fp8BlockWeight):
         if kind == "sm90":  # one launch for all groups
-            return lin.linear_fp8(x.contiguous(), weight, groups, out_dtype=out_dtype)
+            return lin.linear_fp8(x if quantized else x.contiguous(), weight, groups, out_dtype=out_dtype)
         return lin.linear_fp8_ref(x, weight, groups).to(out_dtype)
+    if quantized:
+        raise TypeError(f"an FP8-quantized input goes to an FP8 block-128 weight only, not {type(weight).__name__}")
     if isinstance(weight, Mxfp4Weight) or (isinstance(weight, Nvfp4Weight) and kind != "sm100"):  # W4A16
         if kind in ("sm90", "sm100"):  # one launch for all groups
             return lin.linear_w4a16(x.contiguous(), weight, groups).to(out_dtype)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..cute_compile import compile_tvm_ffi, fake, target_arch
-from ..formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp8_qdq,
-                       nvfp4_qdq)
+from ..formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight,
+                       dequantize_activation_fp8, fp8_qdq, nvfp4_qdq)
 
 __all__ = ["linear_ref", "dequantize_weight", "linear_w4a16", "linear_w4a16_ref", "linear_fp8", "linear_fp8_ref",
            "quantize_rows_fp8", "fp8_plan", "compile_fp8_kernels", "linear_w4a4", "linear_w4a4_ref"]
@@ -114,16 +114,17 @@ def linear_w4a16(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
 # FP8 block-128
 # ---------------------------------------------------------------------------------------------
 
-def linear_fp8_ref(x: torch.Tensor, weight: Fp8BlockWeight, groups: int = 1) -> torch.Tensor:
+def linear_fp8_ref(x, weight: Fp8BlockWeight, groups: int = 1) -> torch.Tensor:
     """The twin of linear_fp8, in fp32: x [T, groups*K] quantized per token per 128 (power-of-two
-    scales), times the dequantized weight [groups*M, K] group by group -> [T, groups*M]."""
+    scales), or the pair quantize_activation_fp8 gives for it, times the dequantized weight
+    [groups*M, K] group by group -> [T, groups*M]."""
     if not isinstance(weight, Fp8BlockWeight):
         raise TypeError(f"linear_fp8 takes FP8 block-128 weights, got {type(weight).__name__}")
-    xq = fp8_qdq(x.float())
+    xq = dequantize_activation_fp8(*x) if isinstance(x, tuple) else fp8_qdq(x.float())
     w = weight.dequantize()
     if groups == 1:
         return F.linear(xq, w)
-    t = x.shape[0]
+    t = xq.shape[0]
     return torch.einsum("tgk,gmk->tgm", xq.view(t, groups, -1), w.view(groups, -1, w.shape[1])).reshape(t, -1)
 
 

@@ -253,3 +253,39 @@ def test_compiled_pieces_are_cached_next_to_the_kernels(make_checkpoint, tmp_pat
     env["DSV4_CACHE_DIR"] = str(tmp_path)
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600, capture_output=True)
     assert any((tmp_path / "inductor").rglob("*.py")), sorted(p.name for p in tmp_path.rglob("*"))[:20]
+
+
+def test_compiled_pieces_hand_their_fp8_quantization_to_the_linears(make_checkpoint, monkeypatch):
+    """With compile_attention, the pieces that feed FP8 linears also quantize their output, and the
+    linears take that instead of quantizing it again: per decode step and layer wq_a||wkv, wq_b,
+    wo_a, the shared w1||w3 and w2, plus the indexer's wq_b on CSA layers. The logits are those of
+    the model that quantizes inside each linear, bit for bit (the same twin quantizer, fused)."""
+    import backend.gpu_model as gm
+    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
+    torch._dynamo.reset()
+    fused = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu", compile_attention=True)
+    monkeypatch.setattr(gm, "QUANTIZING_PIECES", ())
+    plain = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu", compile_attention=True)
+    found = []
+
+    def counting(x, lookup=fused._fp8_input):
+        pair = lookup(x)
+        found.append(pair is not None)
+        return pair
+    fused._fp8_input = counting
+    g = torch.Generator().manual_seed(4)
+    states = {m: m.new_state(4, 64, with_mtp=False) for m in (fused, plain)}
+    prompts = [torch.randint(2, 500, (1, n), generator=g) for n in (5, 9, 13, 20)]
+    tokens, pos = torch.randint(2, 500, (4, 1), generator=g), torch.tensor([5, 9, 13, 20])
+    logits = {}
+    for model, state in states.items():
+        for i, prompt in enumerate(prompts):
+            model.forward(prompt, 0, [i], state)
+        found.clear()
+        for step in range(3):
+            logits[model], _ = model.forward(tokens, pos + step, torch.arange(4), state)
+        if model is fused:
+            per_step = found.copy()
+    csa_layers = sum(ck.args.compress_ratio(i) == 4 for i in range(ck.args.num_hidden_layers))
+    assert per_step.count(True) == 3 * (5 * ck.args.num_hidden_layers + csa_layers)
+    assert torch.equal(logits[fused], logits[plain])

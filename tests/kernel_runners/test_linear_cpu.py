@@ -33,6 +33,21 @@ def test_grouped_twin_is_a_per_group_matmul():
         assert torch.allclose(out[:, gi * rows:(gi + 1) * rows], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_an_already_quantized_input_gives_what_the_linear_quantizing_it_gives():
+    """dispatch.linear takes an FP8 block-128 weight's input already quantized (what the compiled
+    pieces hand over): the same result as quantizing inside, grouped too; other formats refuse it."""
+    from kernels import dispatch
+    from kernels.formats import quantize_nvfp4
+    g = torch.Generator().manual_seed(1)
+    for groups in (1, 2):
+        w = quantize_fp8_block(torch.randn(groups * 128, 256, generator=g))
+        x = torch.randn(5, groups * 256, generator=g) * torch.rand(5, 1, generator=g) * 10
+        assert torch.equal(dispatch.linear(quantize_activation_fp8(x), w, groups=groups),
+                           dispatch.linear(x, w, groups=groups))
+    with pytest.raises(TypeError, match="FP8 block-128 weight only"):
+        dispatch.linear(quantize_activation_fp8(x), quantize_nvfp4(torch.randn(128, 512, generator=g)))
+
+
 def test_fp8_runner_rejects_bad_inputs_naming_them():
     w = quantize_fp8_block(torch.randn(128, 256))
     with pytest.raises(TypeError, match="FP8 block-128"):
