@@ -133,8 +133,8 @@ class DeepseekV4Gpu(DeepseekV4):
         """Replace same-input linears by one stacked weight each (SAME_INPUT_LINEARS, FP8 only) and
         the compressors' wkv and wgate by one (fp32 here). -> {(names): (stacked name, rows each)}."""
         stacked = {}
-        prefixes = {n[:-len(SAME_INPUT_LINEARS[0][0])] for n in self.w if n.endswith(SAME_INPUT_LINEARS[0][0])}
-        for prefix in sorted(prefixes):
+        layer_prefixes = sorted({n.removesuffix("attn.wq_a") for n in self.w if n.endswith("attn.wq_a")})
+        for prefix in layer_prefixes:
             for group in SAME_INPUT_LINEARS:
                 names = tuple(prefix + n for n in group)
                 if not all(n in self.w for n in names):
