@@ -194,7 +194,6 @@ class DeepseekV4Gpu(DeepseekV4):
 
     def forward(self, input_ids: torch.Tensor, start_pos, slots, state: ModelState, all_logits: bool = False):
         self._decoding = input_ids.shape[1] == 1
-        self._fp8_inputs.clear()
         try:
             return super().forward(input_ids, start_pos, slots, state, all_logits)
         finally:

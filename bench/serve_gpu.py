@@ -120,8 +120,8 @@ def main():
 
 
 def run(a, conc, max_seqs, work: Path):
-    # Empty compile caches of this run's own (the runners' kernels, and Inductor's code with
-    # --compile-attention): the first server start compiles everything, the engine and the second
+    # Empty compile caches of this run's own (the runners' kernels, and Inductor's code for the
+    # compiled pieces): the first server start compiles everything, the engine and the second
     # start load it (kernels/cute_compile.py).
     cache = work / "compile-cache"
     caches = {"CUTE_DSL_CACHE_DIR": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
