@@ -25,6 +25,7 @@ from kernels import dispatch
 from kernels.cute_compile import cache_root
 from kernels.mhc import mhc_coefficients
 from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight, quantize_activation_fp8
+from kernels.linear import reserve_split_counters
 from kernels.moe import stack_experts
 from kernels.moe.experts import check_mxfp4_scales
 
@@ -101,7 +102,7 @@ def _cache_inductor_next_to_the_kernels() -> None:
 
 class DeepseekV4Gpu(DeepseekV4):
     def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True, device="cuda",
-                 compile_attention: bool = False):
+                 compile_attention: bool = False, overlap: bool = True):
         rest, stacks = split_experts(weights)  # routed experts' MXFP4 scales are checked when stacked
         for name, w in rest.items():
             if isinstance(w, Mxfp4Weight):  # a dense MXFP4 linear runs on the same W4A16 kernels
@@ -113,6 +114,15 @@ class DeepseekV4Gpu(DeepseekV4):
         self._decoding = False
         self.stacked = self._stack_same_input_weights()
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
+        # Decode steps run the work beside() marks on side streams, one per lane (the compressors
+        # and the indexer; the window; the shared expert): at small batch each of their kernels
+        # fills a few SMs, so they fit beside the query heads and the routed experts (captured as
+        # parallel graph branches). Empty: one stream.
+        lanes = 2 if overlap and self.device.type == "cuda" else 0
+        self.side_streams = tuple(torch.cuda.Stream(self.device) for _ in range(lanes))
+        for stream in self.side_streams:
+            reserve_split_counters(stream)
+        self._forked: set = set()
         if compile_attention:
             # Weights are arguments, so all layers share one compiled graph per piece; dynamic
             # shapes, so the batch sizes of the graph ladder share it too (size 1 specializes).
@@ -198,6 +208,24 @@ class DeepseekV4Gpu(DeepseekV4):
             return super().forward(input_ids, start_pos, slots, state, all_logits)
         finally:
             self._fp8_inputs.clear()
+            self.join()  # after an error half-way: no side stream's work is left unjoined
+
+    def beside(self, lane: int = 0):
+        """Decode steps on CUDA: the lane's side stream, after what was queued so far. Every tensor
+        the work beside reads outlives join() (callers hold them), and what it allocates is freed
+        on the main stream only after join(), so the allocator never hands memory still in use
+        by one stream to another."""
+        if not self.side_streams or not self._decoding:
+            return super().beside(lane)
+        stream = self.side_streams[lane]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._forked.add(stream)
+        return torch.cuda.stream(stream)
+
+    def join(self) -> None:
+        for stream in self._forked:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._forked.clear()
 
     def mix_coefficients(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor):
         if dispatch.backend(self.device) == "twin":
@@ -220,10 +248,12 @@ class DeepseekV4Gpu(DeepseekV4):
     def moe(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        with self.beside():  # the shared expert overlaps routing and the routed experts
+            shared = self.expert(flat, f"{prefix}ffn.shared_experts.", None, clamp=False)
         weights, experts = self.route(f"{prefix}ffn.", flat, input_ids.reshape(-1), hashed)
         y = dispatch.moe(flat.contiguous(), weights, experts, self.stacks[f"{prefix}ffn."], self.args.swiglu_limit)
-        y = y + self.expert(flat, f"{prefix}ffn.shared_experts.", None, clamp=False).float()
-        return y.to(x.dtype).view(shape)
+        self.join()
+        return (y + shared.float()).to(x.dtype).view(shape)
 
     @staticmethod
     def check_positions(pos: torch.Tensor, state: ModelState) -> None:

@@ -27,6 +27,7 @@ sequence or several of equal length), decode is S = 1 for a batch of sequences a
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -402,17 +403,20 @@ class DeepseekV4:
         p = f"{prefix}attn."
         q_lora, kv = self.linears(x, (f"{p}wq_a", f"{p}wkv"))
         qr = self.norm(q_lora, self.w[f"{p}q_norm.weight"])
-        q = self.query_heads(self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim)), pos, freqs)
-        kv = self.kv_entry(kv, self.w[f"{p}kv_norm.weight"], pos, freqs)
-        window, window_mask = self.window(st.ring, slots, kv, pos)
-        self.ring_write(st.ring, slots, pos, kv)
-
         entries = comp_mask = None
+        # Three independent paths until attend: the compressed keys, the window, the query heads.
         if ratio:
-            self.compress(f"{p}compressor.", x, pos, slots, st.compressor, ratio, a.head_dim, rotate=False)
-            entries = st.compressor.entries                                      # [slots, C, hd]
-            comp_mask = (self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer) if ratio == 4
-                         else emitted_entries(entries.shape[1], pos, ratio))
+            with self.beside(lane=0):
+                self.compress(f"{p}compressor.", x, pos, slots, st.compressor, ratio, a.head_dim, rotate=False)
+                entries = st.compressor.entries                                  # [slots, C, hd]
+                comp_mask = (self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer) if ratio == 4
+                             else emitted_entries(entries.shape[1], pos, ratio))
+        with self.beside(lane=1):
+            kv = self.kv_entry(kv, self.w[f"{p}kv_norm.weight"], pos, freqs)
+            window, window_mask = self.window(st.ring, slots, kv, pos)
+            self.ring_write(st.ring, slots, pos, kv)
+        q = self.query_heads(self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim)), pos, freqs)
+        self.join()
         o = self.attend(q, window, window_mask, entries, slots, comp_mask, self.w[f"{p}attn_sink"], pos, freqs)
         # Grouped output projection: block-diagonal wo_a (one [o_lora, H*hd/G] block per group).
         o = o.flatten(2).unflatten(-1, (-1, a.num_attention_heads * a.head_dim // a.o_groups))  # [B, S, G, H*hd/G]
@@ -520,6 +524,16 @@ class DeepseekV4:
         if self.holds_shared_expert:
             y += self.expert(x, f"{prefix}ffn.shared_experts.", None, clamp=False).to(y.dtype)
         return self.reduce_partial(y).to(x.dtype).view(shape)
+
+    # --- work that may overlap what follows it ----------------------------------------------
+    def beside(self, lane: int = 0) -> contextlib.AbstractContextManager:
+        """Context for work whose results nothing uses before join(): a subclass may run it on
+        another stream (one per lane), beside the work that follows (backend.gpu_model); here it
+        runs in place."""
+        return contextlib.nullcontext()
+
+    def join(self) -> None:
+        """From here on, the work started beside() is done (here: it ran in place)."""
 
     # --- where a rank holds part of the model (backend.parallel) ---------------------------
     holds_shared_expert = True

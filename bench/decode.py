@@ -2,6 +2,7 @@
 per layer, against the weight-bytes floor of the step.
 
     python -m bench.decode [--layers 4] [--batch 1,8,32,128] [--flavor nvidia-nvfp4] [--pieces eager,compiled]
+                           [--side-streams on,off]
 
 A flash-shaped checkpoint (real V4-Flash widths, `--layers` layers) is generated on the GPU. The floor
 is the bytes one step must read (every non-expert weight of the layers, the distinct routed experts
@@ -36,6 +37,8 @@ def main():
     p.add_argument("--batch", default="1,8,32,128")
     p.add_argument("--flavor", default="nvidia-nvfp4")
     p.add_argument("--pieces", default="eager", help="eager and/or compiled, comma-separated")
+    p.add_argument("--side-streams", default="on", help="on and/or off, comma-separated: the decode step's "
+                   "side streams (DeepseekV4Gpu.beside), one table each on the same model")
     a = p.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +60,13 @@ def main():
         model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda",
                               compile_attention=pieces == "compiled")
         print(f"\ntorch pieces {pieces}: model on the GPU in {time.perf_counter() - start:.0f} s")
-        measure(model, batches, dense, expert_bytes, bandwidth)
+        side_streams = model.side_streams
+        for choice in a.side_streams.split(","):
+            if choice not in ("on", "off"):
+                raise SystemExit(f"--side-streams: expected on and/or off, got {choice!r}")
+            model.side_streams = side_streams if choice == "on" else ()
+            print(f"side streams {choice}")
+            measure(model, batches, dense, expert_bytes, bandwidth)
         del model
         torch.cuda.empty_cache()
 

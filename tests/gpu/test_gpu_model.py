@@ -97,6 +97,37 @@ def test_graph_decode_is_eager_decode(make_checkpoint, compile_attention):
             assert torch.allclose(lp, lg, rtol=2e-2, atol=2e-2), (step, (lp - lg).abs().max().item())
 
 
+@pytest.mark.parametrize("flavor", ["nvidia-nvfp4", "all-nvfp4"])
+def test_side_streams_change_no_bit(flavor, make_checkpoint):
+    """Decode steps with the compressors and the indexer, the window and the shared expert on side
+    streams give the logits and the state of the same steps on one stream, bit for bit, eagerly
+    and from a graph (whose replays run the streams' work as parallel branches)."""
+    ck = load_checkpoint(make_checkpoint(flavor))
+    model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda")
+    assert model.side_streams and any(model.args.compress_ratio(i) == 4 for i in range(model.args.num_hidden_layers))
+    side_streams = model.side_streams
+    one, two, graph_state = (model.new_state(5, 96, with_mtp=False) for _ in range(3))
+    p = prompts(ck.args.vocab_size)
+    l1, l2 = prefill(model, one, p), prefill(model, two, p)
+    graphs = DecodeGraphs(model, graph_state, max_batch=4, scratch_slot=4)
+    lg = prefill(model, graph_state, p)
+    for step in range(12):
+        tokens = l1.argmax(-1).view(4, 1).cuda()
+        pos, slots = torch.tensor(LENGTHS).cuda() + step, torch.arange(4, device="cuda")
+        model.side_streams = ()
+        l1 = model.forward(tokens, pos, slots, one)[0].float().cpu()
+        model.side_streams = side_streams
+        l2 = model.forward(tokens, pos, slots, two)[0].float().cpu()
+        lg = graphs.run(tokens.view(-1).tolist(), pos.tolist(), slots.tolist()).float().cpu()
+        assert torch.equal(l1, l2) and torch.equal(l1, lg), step
+    for a, b in zip(one.layers, two.layers):
+        assert torch.equal(a.ring, b.ring)
+        for part in ("compressor", "indexer"):
+            if getattr(a, part) is not None:
+                assert torch.equal(getattr(a, part).entries, getattr(b, part).entries)
+                assert torch.equal(getattr(a, part).kv, getattr(b, part).kv)
+
+
 def test_mhc_kernel_matches_its_twin():
     from backend.model import sinkhorn_split
     from kernels.mhc import mhc_coefficients
