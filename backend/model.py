@@ -401,10 +401,11 @@ class DeepseekV4:
         ratio = a.compress_ratio(layer)
         freqs = self.freqs[ratio > 0]
         p = f"{prefix}attn."
-        q_lora, kv = self.linears(x, (f"{p}wq_a", f"{p}wkv"))
+        q_lora, kv_lora = self.linears(x, (f"{p}wq_a", f"{p}wkv"))
         qr = self.norm(q_lora, self.w[f"{p}q_norm.weight"])
         entries = comp_mask = None
-        # Three independent paths until attend: the compressed keys, the window, the query heads.
+        # Three independent paths until attend: the compressed keys, the window, the query heads
+        # (names stay bound until join(): a side stream may still read them).
         if ratio:
             with self.beside(lane=0):
                 self.compress(f"{p}compressor.", x, pos, slots, st.compressor, ratio, a.head_dim, rotate=False)
@@ -412,7 +413,7 @@ class DeepseekV4:
                 comp_mask = (self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer) if ratio == 4
                              else emitted_entries(entries.shape[1], pos, ratio))
         with self.beside(lane=1):
-            kv = self.kv_entry(kv, self.w[f"{p}kv_norm.weight"], pos, freqs)
+            kv = self.kv_entry(kv_lora, self.w[f"{p}kv_norm.weight"], pos, freqs)
             window, window_mask = self.window(st.ring, slots, kv, pos)
             self.ring_write(st.ring, slots, pos, kv)
         q = self.query_heads(self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim)), pos, freqs)
