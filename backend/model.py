@@ -426,7 +426,12 @@ class DeepseekV4:
     # The attention's pure-torch pieces between the linears: one function each, with the weights
     # as arguments, so a subclass can compile them (backend.gpu_model) and every layer shares it.
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm with the model's eps (the q LoRA norm, the final norm)."""
+        """RMSNorm with the model's eps (the q LoRA norm)."""
+        return rms_norm(x, weight, self.args.rms_norm_eps)
+
+    def final_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The norm before the head: a piece of its own, as its output feeds the head, not an FP8
+        linear (a subclass's compiled norm also quantizes for those)."""
         return rms_norm(x, weight, self.args.rms_norm_eps)
 
     @staticmethod
@@ -555,7 +560,7 @@ class DeepseekV4:
         return self.hc_post(self.moe(prefix, x, input_ids, hashed), h, post, comb)
 
     def logits(self, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
-        x = self.norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"])
+        x = self.final_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"])
         head = self.w["head.weight"]  # wide, or kept BF16 by a subclass
         return F.linear(x.to(head.dtype), head).to(wide_dtype(self.dtype))
 

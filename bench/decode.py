@@ -58,7 +58,7 @@ def main():
             raise SystemExit(f"--pieces: expected eager and/or compiled, got {pieces!r}")
         start = time.perf_counter()
         model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda",
-                              compile_attention=pieces == "compiled")
+                              compile_attention=pieces == "compiled", overlap=True)
         print(f"\ntorch pieces {pieces}: model on the GPU in {time.perf_counter() - start:.0f} s")
         side_streams = model.side_streams
         for choice in a.side_streams.split(","):
