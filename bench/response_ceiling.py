@@ -20,7 +20,7 @@ CONFIG = """name: "stream_echo"
 backend: "python"
 max_batch_size: 0
 model_transaction_policy { decoupled: true }
-input [ { name: "n", data_type: TYPE_INT32, dims: [ 1 ] } ]
+input [ { name: "n", data_type: TYPE_INT32, dims: [ 1 ] }, { name: "check_every", data_type: TYPE_INT32, dims: [ 1 ] } ]
 output [
   { name: "text_output", data_type: TYPE_STRING, dims: [ -1 ] },
   { name: "output_ids", data_type: TYPE_INT32, dims: [ -1 ] },
@@ -42,13 +42,16 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for r in requests:
-            self.requests.put((r.get_response_sender(), int(pb_utils.get_input_tensor_by_name(r, "n").as_numpy()[0])))
+            n, check_every = (int(pb_utils.get_input_tensor_by_name(r, k).as_numpy()[0]) for k in ("n", "check_every"))
+            self.requests.put((r.get_response_sender(), n, check_every))
         return None
 
     def send_loop(self):
         while True:
-            sender, n = self.requests.get()
+            sender, n, check_every = self.requests.get()
             for i in range(n):
+                if check_every and i % check_every == 0 and sender.is_cancelled():
+                    break
                 arrays = {"text_output": np.array([b" w1234"], dtype=np.object_),
                           "output_ids": np.array([i], dtype=np.int32),
                           "finish_reason": np.array([b""], dtype=np.object_),
@@ -59,7 +62,7 @@ class TritonPythonModel:
 """
 
 
-def responses_per_second(url: str, streams: int, n: int) -> float:
+def responses_per_second(url: str, streams: int, n: int, check_every: int) -> float:
     import tritonclient.grpc as grpcclient
     start, end = threading.Barrier(streams + 1), threading.Barrier(streams + 1)
 
@@ -67,10 +70,12 @@ def responses_per_second(url: str, streams: int, n: int) -> float:
         client = grpcclient.InferenceServerClient(url)
         errors = queue.Queue()
         client.start_stream(callback=lambda result, error: errors.put(error))
-        count = grpcclient.InferInput("n", [1], "INT32")
-        count.set_data_from_numpy(np.array([n], dtype=np.int32))
+        inputs = []
+        for name, value in (("n", n), ("check_every", check_every)):
+            inputs.append(grpcclient.InferInput(name, [1], "INT32"))
+            inputs[-1].set_data_from_numpy(np.array([value], dtype=np.int32))
         start.wait()
-        client.async_stream_infer("stream_echo", [count])
+        client.async_stream_infer("stream_echo", inputs)
         for _ in range(n):
             error = errors.get(timeout=120)
             if error is not None:
@@ -98,10 +103,12 @@ def main():
         (model_dir / "1" / "model.py").write_text(MODEL)
         server = TritonServer(tmp, startup_timeout=120).start()
         try:
-            print("| streams | responses per stream | responses/s |")
-            print("|---|---|---|")
+            print("| streams | responses per stream | cancellation checked | responses/s |")
+            print("|---|---|---|---|")
             for streams, n in ((1, 3000), (8, 500), (32, 150)):
-                print(f"| {streams} | {n} | {responses_per_second(server.grpc_url, streams, n):.0f} |")
+                for check_every, checked in ((0, "never"), (1, "every response"), (10, "every 10th")):
+                    rate = responses_per_second(server.grpc_url, streams, n, check_every)
+                    print(f"| {streams} | {n} | {checked} | {rate:.0f} |", flush=True)
         finally:
             server.stop()
 

@@ -152,3 +152,22 @@ def test_outputs_queued_behind_the_sender_go_out_joined_per_request(model):
     assert [(s, o.text, o.token_ids, o.finished, o.error) for s, o in joined] == [
         (a, " x z", [5, 7, 9], True, None), (b, " y", [6], False, None), (c, " u", [8], False, None),
         (c, "", [], True, "boom")]
+
+
+def test_cancellation_is_checked_on_the_first_and_last_output_and_at_most_every_interval(model):
+    """Each check is a round trip to the server process: not one per streamed token."""
+    checks = []
+
+    class CountingSender(Sender):
+        def is_cancelled(self):
+            checks.append(time.monotonic())
+            return False
+
+    state = model.module._Request(CountingSender(), None, "")
+    start = time.monotonic()
+    for _ in range(50):
+        assert not model._cancelled(state, types.SimpleNamespace(finished=False))
+    assert not model._cancelled(state, types.SimpleNamespace(finished=True))
+    assert time.monotonic() - start < model.module.CANCEL_CHECK_SECONDS, "the loop itself took too long"
+    assert len(checks) == 2
+    model.finalize()
