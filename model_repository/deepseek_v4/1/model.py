@@ -23,7 +23,7 @@ from backend.serving import INPUTS, engine_config_from_parameters, output_arrays
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # A cancellation check is a round trip to the server process, as costly as a send (checked on
-# every response it took 18-32% of the sender's responses/s: bench.response_ceiling), so a
+# every response it took 13-32% of the sender's responses/s: bench.response_ceiling), so a
 # request is checked on its first and last output and at most this often in between.
 CANCEL_CHECK_SECONDS = 0.05
 log = logging.getLogger("deepseek_v4")
