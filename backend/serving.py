@@ -90,15 +90,20 @@ def output_arrays(out: RequestOutput, text: str, token_ids: list[int]) -> dict[s
 
 
 _BOOL_PARAMS = ("simulate_qat", "kernels", "cuda_graphs", "compile_attention")
+_ADAPTER_PARAMS = ("sender_threads",)
 _INT_PARAMS = ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk", "decode_prompt_tokens")
 
 
+def _parameter_values(parameters: dict) -> dict[str, str]:
+    return {k: (v.get("string_value", "") if isinstance(v, dict) else str(v)).strip() for k, v in parameters.items()}
+
+
 def engine_config_from_parameters(parameters: dict) -> EngineConfig:
-    """config.pbtxt `parameters` ({key: {"string_value": ...}}) -> EngineConfig."""
-    values = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v)).strip() for k, v in parameters.items()}
+    """config.pbtxt `parameters` ({key: {"string_value": ...}}) -> EngineConfig (the adapter's own
+    settings, _ADAPTER_PARAMS, are read by model.py)."""
     kwargs = {}
-    for key, value in values.items():
-        if value == "" or key.startswith("_"):
+    for key, value in _parameter_values(parameters).items():
+        if value == "" or key.startswith("_") or key in _ADAPTER_PARAMS:
             continue
         if key in _INT_PARAMS:
             try:
@@ -114,3 +119,14 @@ def engine_config_from_parameters(parameters: dict) -> EngineConfig:
         else:
             raise ValueError(f"unknown model parameter '{key}' in config.pbtxt")
     return EngineConfig(**kwargs)
+
+
+def sender_threads_from_parameters(parameters: dict) -> int:
+    """config.pbtxt `sender_threads`: how many threads send responses (a request stays on one, so
+    its responses keep their order); empty or absent: 1."""
+    value = _parameter_values(parameters).get("sender_threads", "")
+    if value == "":
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"model parameter 'sender_threads' must be a positive integer, got {value!r}")
+    return int(value)

@@ -6,6 +6,7 @@ against the in-process engine, and the start-up times: the first server start co
 kernel into an empty compile cache, the engine and the second start load them.
 
     python -m bench.serve_gpu [--layers 4] [--concurrency 1,8,32] [--max-tokens 32] [--pieces compiled|eager]
+                              [--sender-threads 1,2]
 """
 import argparse
 import gc
@@ -89,15 +90,19 @@ def stream_text(url: str, prompt: str) -> str:
 def repository(path, max_num_seqs, compile_attention) -> Path:
     repo = Path(tempfile.mkdtemp(prefix="gpu-repo-"))
     shutil.copytree(DEFAULT_REPOSITORY, repo, dirs_exist_ok=True)
-    cfg = repo / "deepseek_v4" / "config.pbtxt"
-    text = cfg.read_text()
-    text = text.replace('{ key: "checkpoint", value: { string_value: "" } }', f'{{ key: "checkpoint", value: {{ string_value: "{path}" }} }}')
-    text = re.sub(r'(key: "max_num_seqs", value: { string_value: )"\d+"', rf'\1"{max_num_seqs}"', text)
-    text = re.sub(r'(key: "max_model_len", value: { string_value: )"\d+"', r'\1"256"', text)
-    text = re.sub(r'(key: "compile_attention", value: { string_value: )"\w+"', rf'\1"{str(compile_attention).lower()}"',
-                  text)
-    cfg.write_text(text)
+    for key, value in (("checkpoint", path), ("max_num_seqs", max_num_seqs), ("max_model_len", 256),
+                       ("compile_attention", str(compile_attention).lower())):
+        set_parameter(repo, key, value)
     return repo
+
+
+def set_parameter(repo: Path, key: str, value) -> None:
+    """Sets one of config.pbtxt's parameters in the repository copy."""
+    cfg = repo / "deepseek_v4" / "config.pbtxt"
+    text, found = re.subn(rf'(key: "{key}", value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', cfg.read_text())
+    if found != 1:
+        raise ValueError(f"config.pbtxt has no parameter {key!r}")
+    cfg.write_text(text)
 
 
 def main():
@@ -108,6 +113,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--pieces", choices=("compiled", "eager"), default="compiled",
                    help="the torch pieces between the runners through torch.compile (compile_attention, the default) or eager")
+    p.add_argument("--sender-threads", default="1",
+                   help="model.py's sender_threads, comma-separated: a warm server start and a table each")
     a = p.parse_args()
     a.compile_attention = a.pieces == "compiled"
     conc = [int(c) for c in a.concurrency.split(",")]
@@ -134,12 +141,16 @@ def run(a, conc, max_seqs, work: Path):
     write_input_data(data, PROMPTS, ClientParams(max_tokens=a.max_tokens, min_tokens=a.max_tokens, temperature=0.0))
     cmd, env = perf_analyzer()
     engine_rates = {}
-    for attempt in ("first (empty compile cache)", "second (warm compile cache)"):
+    starts = [("first (empty compile cache)", None)] + [(f"warm compile cache, {n} sender thread(s)", n)
+                                                          for n in (int(n) for n in a.sender_threads.split(","))]
+    for attempt, threads in starts:
+        if threads is not None:
+            set_parameter(repo, "sender_threads", threads)
         t0 = time.perf_counter()
         server = TritonServer(repo, startup_timeout=600, extra_env=caches).start()
         print(f"tritonserver {attempt} start: ready in {time.perf_counter() - t0:.1f} s "
               f"({len(list(cache.glob('*.o')))} kernels in the cache)", flush=True)
-        if attempt.startswith("first"):
+        if threads is None:  # the first start only times the compilation
             server.stop()
             engine_ready, engine_rates = engine_run(path, conc, a.max_tokens, max_seqs, a.compile_attention)
             print(f"engine in-process: ready in {engine_ready:.1f} s (warm compile cache)", flush=True)

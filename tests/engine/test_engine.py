@@ -10,7 +10,7 @@ from backend.engine.detokenizer import IncrementalDetokenizer
 from backend.engine.scheduler import Scheduler
 from backend.engine.sequence import Sequence, Status
 from backend.engine.slots import SlotAllocator
-from backend.serving import engine_config_from_parameters, parse_request
+from backend.serving import engine_config_from_parameters, parse_request, sender_threads_from_parameters
 from backend.tokenizer import build_tokenizer
 
 
@@ -187,6 +187,15 @@ def test_engine_config_from_parameters():
         engine_config_from_parameters({"max_num_seqs": {"string_value": "many"}})
     with pytest.raises(ValueError, match="'colour'"):
         engine_config_from_parameters({"colour": {"string_value": "blue"}})
+
+
+def test_sender_threads_is_the_adapters_setting():
+    threads = {"sender_threads": {"string_value": "2"}}
+    assert engine_config_from_parameters(threads).max_num_seqs == EngineConfig().max_num_seqs  # not the engine's
+    assert sender_threads_from_parameters(threads) == 2 and sender_threads_from_parameters({}) == 1
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="'sender_threads'"):
+            sender_threads_from_parameters({"sender_threads": {"string_value": bad}})
 
 
 @pytest.fixture(scope="module")

@@ -84,15 +84,16 @@ def _text(s):
     return np.array([s.encode()], dtype=np.object_)
 
 
-@pytest.fixture
-def model(tmp_path, monkeypatch):
+@pytest.fixture(params=[1, 2], ids=["one-sender", "two-senders"])
+def model(request, tmp_path, monkeypatch):
     pb = _fake_pb_utils()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     spec = importlib.util.spec_from_file_location("dsv4_model_under_test", MODEL_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     m = module.TritonPythonModel()
-    params = {"max_num_seqs": {"string_value": "2"}, "max_model_len": {"string_value": "256"}}
+    params = {"max_num_seqs": {"string_value": "2"}, "max_model_len": {"string_value": "256"},
+              "sender_threads": {"string_value": str(request.param)}}
     monkeypatch.setenv("DSV4_CACHE_DIR", str(tmp_path))
     m.initialize({"model_config": json.dumps({"parameters": params})})
     m.pb, m.module = pb, module

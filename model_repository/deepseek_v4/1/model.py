@@ -1,7 +1,8 @@
 """Triton python backend for DeepSeek-V4: a thin adapter over backend.engine.
 
 execute() never blocks: it validates each request, hands it to the engine thread and returns.
-Engine outputs go through a queue to a sender thread, which owns all socket I/O. Every request gets
+Engine outputs go through a queue to a sender thread, which owns all socket I/O (`sender_threads`
+of them: each request stays on one, so its responses keep their order). Every request gets
 exactly one response flagged FINAL: on success, error, cancellation and shutdown alike. When the
 sender falls behind the engine, a streamed request's queued outputs go out as one response (their
 text and ids joined): each response costs the python backend a fixed time, which would otherwise
@@ -9,6 +10,7 @@ cap the tokens/s of many streams. For the same reason cancellation is checked at
 CANCEL_CHECK_SECONDS per request, not on every response.
 """
 import dataclasses
+import itertools
 import json
 import logging
 import queue
@@ -19,7 +21,8 @@ import triton_python_backend_utils as pb_utils
 
 from backend.engine import LLMEngine, SamplingParams
 from backend.engine.llm_engine import QueueFullError
-from backend.serving import INPUTS, engine_config_from_parameters, output_arrays, parse_request
+from backend.serving import (INPUTS, engine_config_from_parameters, output_arrays, parse_request,
+                             sender_threads_from_parameters)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # A cancellation check is a round trip to the server process, as costly as a send (checked on
@@ -32,8 +35,9 @@ log = logging.getLogger("deepseek_v4")
 class _Request:
     """What the sender thread needs to answer one request."""
 
-    def __init__(self, sender, parsed, prompt_text):
+    def __init__(self, sender, parsed, prompt_text, outputs=None):
         self.sender, self.parsed, self.prompt_text = sender, parsed, prompt_text
+        self.outputs = outputs  # the queue of the sender thread that answers this request
         self.text, self.token_ids, self.cancelled = "", [], False
         self.next_cancel_check = 0.0  # time.monotonic() from which the next output checks
 
@@ -57,16 +61,21 @@ class TritonPythonModel:
     def initialize(self, args):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         model_config = json.loads(args["model_config"])
-        config = engine_config_from_parameters(model_config.get("parameters", {}))
+        parameters = model_config.get("parameters", {})
+        config = engine_config_from_parameters(parameters)
+        senders = sender_threads_from_parameters(parameters)
         self.engine = LLMEngine(config)
         self.engine.start()
         warm = self.engine.generate("warm up", SamplingParams(max_tokens=2))
         log.info("[deepseek_v4] warm-up generated %d tokens", len(warm["token_ids"]))
         self._setup_metrics()
-        self._outputs = queue.Queue()
+        self._outputs = [queue.Queue() for _ in range(senders)]
+        self._next_sender = itertools.count()
         self._stop = threading.Event()
-        self._sender = threading.Thread(target=self._response_loop, name="deepseek-v4-sender", daemon=True)
-        self._sender.start()
+        self._senders = [threading.Thread(target=self._response_loop, args=(outputs,), name=f"deepseek-v4-sender-{i}",
+                                          daemon=True) for i, outputs in enumerate(self._outputs)]
+        for thread in self._senders:
+            thread.start()
         self._metrics_thread = threading.Thread(target=self._metrics_loop, name="deepseek-v4-metrics", daemon=True)
         self._metrics_thread.start()
 
@@ -76,9 +85,10 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.engine.shutdown()      # finishes every request; their finals reach the sender queue
-        self._outputs.put(None)
-        self._sender.join(30)
+        self.engine.shutdown()      # finishes every request; their finals reach the sender queues
+        for outputs, thread in zip(self._outputs, self._senders):
+            outputs.put(None)
+            thread.join(30)
         self._stop.set()
         self._metrics_thread.join(5)
 
@@ -93,8 +103,9 @@ class TritonPythonModel:
                     inputs[name] = tensor.as_numpy()
             parsed = parse_request(inputs, self.engine.config.max_model_len)
             prompt_text = parsed.prompt if isinstance(parsed.prompt, str) else ""
-            state = _Request(sender, parsed, prompt_text)
-            self.engine.add_request(parsed.prompt, parsed.params, lambda out: self._outputs.put((state, out)))
+            outputs = self._outputs[next(self._next_sender) % len(self._outputs)]
+            state = _Request(sender, parsed, prompt_text, outputs)
+            self.engine.add_request(parsed.prompt, parsed.params, lambda out: state.outputs.put((state, out)))
         except (ValueError, QueueFullError) as exc:
             code = pb_utils.TritonError.UNAVAILABLE if isinstance(exc, QueueFullError) else pb_utils.TritonError.INVALID_ARG
             self._send_error(sender, str(exc), code)
@@ -106,11 +117,11 @@ class TritonPythonModel:
     def _send_error(sender, message, code):
         sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
 
-    def _response_loop(self):
+    def _response_loop(self, outputs: queue.Queue):
         while True:
-            items = [self._outputs.get()]
-            while not self._outputs.empty():
-                items.append(self._outputs.get())
+            items = [outputs.get()]
+            while not outputs.empty():
+                items.append(outputs.get())
             done = None in items
             for state, out in _joined(items[:items.index(None)] if done else items):
                 try:
