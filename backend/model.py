@@ -429,10 +429,9 @@ class DeepseekV4:
         """RMSNorm with the model's eps (the q LoRA norm)."""
         return rms_norm(x, weight, self.args.rms_norm_eps)
 
-    def final_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The norm before the head: a piece of its own, as its output feeds the head, not an FP8
-        linear (a subclass's compiled norm also quantizes for those)."""
-        return rms_norm(x, weight, self.args.rms_norm_eps)
+    # The norm before the head: the same function under a name of its own, so a subclass can
+    # compile it apart from `norm` (whose compiled form also quantizes for the FP8 linears it feeds).
+    final_norm = norm
 
     @staticmethod
     def ring_write(ring: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor) -> None:

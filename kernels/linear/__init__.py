@@ -200,25 +200,26 @@ def _batched(t: torch.Tensor, groups: int, outer_first: bool) -> torch.Tensor:
     return t.view(groups, r // groups, c).permute(1, 2, 0)  # weights: rows g*M.. belong to group g
 
 
-_split_counters: dict = {}   # device -> counters that the GEMMs of every stream share
-_stream_counters: dict = {}  # stream handle -> counters of its own (reserve_split_counters)
+# Split-K arrival counters: one set per device, shared by the GEMMs of every stream, and one per
+# stream that reserve_split_counters gave its own (keyed by its handle).
+_split_counters: dict = {}
+_COUNTERS = 1 << 14
 
 
 def reserve_split_counters(stream: torch.cuda.Stream) -> None:
     """Give `stream` split-K counters of its own, for GEMMs that may run at the same time as another
     stream's (a model's side stream). Call outside any capture; other streams share one set."""
     with torch.cuda.stream(stream):
-        _stream_counters[stream.cuda_stream] = torch.zeros(1 << 14, dtype=torch.int32, device=stream.device)
+        _split_counters[stream.cuda_stream] = torch.zeros(_COUNTERS, dtype=torch.int32, device=stream.device)
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Per-tile arrival counters for split-K, zeroed once; every launch leaves them at zero."""
-    own = _stream_counters.get(torch.cuda.current_stream(device).cuda_stream)
-    if own is not None and own.numel() >= tiles:
-        return own
-    buf = _split_counters.get(device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    key = stream if stream in _split_counters else device
+    buf = _split_counters.get(key)
     if buf is None or buf.numel() < tiles:
-        buf = _split_counters[device] = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+        buf = _split_counters[key] = torch.zeros(max(tiles, _COUNTERS), dtype=torch.int32, device=device)
     return buf
 
 
