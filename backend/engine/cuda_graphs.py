@@ -27,10 +27,10 @@ def batch_ladder(max_batch: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model, state, max_batch: int, scratch_slot: int):
         self.model, self.state = model, state
-        dev = model.device
-        self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.slots = torch.full((max_batch,), scratch_slot, dtype=torch.long, device=dev)
+        # The static inputs, one row each: tokens, positions, slots (one copy fills them all).
+        self.inputs = torch.zeros(3, max_batch, dtype=torch.long, device=model.device)
+        self.inputs[2] = scratch_slot
+        self.tokens, self.positions, self.slots = self.inputs[0].view(-1, 1), self.inputs[1], self.inputs[2]
         self.scratch_slot = scratch_slot
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = torch.cuda.graph_pool_handle()
@@ -57,14 +57,26 @@ class DecodeGraphs:
             out = self._step(b)
         return graph, out
 
-    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """-> logits [B, V] (a copy) for B = len(tokens) sequences."""
-        b = len(tokens)
-        size = min(s for s in self.graphs if s >= b)
-        pad = size - b
-        self.tokens[:size, 0].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
-        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
+    def padded_size(self, batch: int) -> int:
+        """The captured batch size that a step of `batch` sequences replays."""
+        return min(s for s in self.graphs if s >= batch)
+
+    def pad(self, tokens: list[int], positions: list[int], slots: list[int]) -> list[list[int]]:
+        """The three input rows of a step, padded to its captured size: an unused row decodes a dummy
+        token at position 0 in the scratch slot, which no sequence owns."""
+        pad = self.padded_size(len(tokens)) - len(tokens)
+        return [tokens + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad]
+
+    def replay(self, inputs: torch.Tensor, batch: int) -> torch.Tensor:
+        """inputs: [3, padded_size(batch)] tokens, positions and slots on the device (padded rows
+        from `pad`) -> logits [batch, V] (a copy)."""
+        size = inputs.shape[1]
+        self.inputs[:, :size].copy_(inputs)
         graph, out = self.graphs[size]
         graph.replay()
-        return out[:b].clone()
+        return out[:batch].clone()
+
+    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """`replay` from host lists (tests and benchmarks) -> logits [B, V]."""
+        inputs = torch.tensor(self.pad(tokens, positions, slots), device=self.inputs.device)
+        return self.replay(inputs, len(tokens))

@@ -1,5 +1,9 @@
 """The engine: a request queue and a loop thread whose step() is schedule -> run -> postprocess.
 
+Decode steps overlap with the host: step() queues decode step N+1 on the device (feeding it the
+tokens step N sampled there) before it reads step N's tokens and handles their outputs, so
+detokenizing, stop checks and callbacks run while the device computes.
+
 Other threads call `add_request` (validated at once, errors raised to the caller) and `abort`;
 outputs go to each request's callback, on the engine thread, so callbacks must not block.
 """
@@ -15,6 +19,7 @@ from typing import Callable
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
+from .sampler import SampledTokens
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -54,7 +59,7 @@ class BusyPeriod:
     start: float = 0.0
     decode_steps: int = 0
     decode_rows: int = 0
-    decode_seconds: float = 0.0   # model + sampling (reading the tokens back included)
+    decode_seconds: float = 0.0   # queueing steps and waiting for their tokens
     prefill_chunks: int = 0
     prefill_seconds: float = 0.0
     output_seconds: float = 0.0   # detokenizing, stop checks, callbacks
@@ -79,7 +84,7 @@ class LLMEngine:
         prompt_tokens = config.decode_prompt_tokens
         if prompt_tokens is None:
             prompt_tokens = 32 if self.runner.graphs is not None else 0
-        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, prompt_tokens)
+        self.scheduler = Scheduler(config.max_num_seqs, config.prefill_chunk, prompt_tokens, config.max_model_len)
         self.stats = EngineStats()
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -89,6 +94,7 @@ class LLMEngine:
         self._sequences: dict[object, tuple[Sequence, IncrementalDetokenizer, Callable]] = {}
         self._thread: threading.Thread | None = None
         self._busy: BusyPeriod | None = None
+        self._in_flight: tuple[list[Sequence], SampledTokens] | None = None  # a decode step not yet read
 
     # --- public API (any thread) ------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -137,6 +143,7 @@ class LLMEngine:
         while not self._stop.is_set():
             self._drain_inbox()
             if self.scheduler.num_unfinished == 0:
+                self._read_in_flight()  # its sequences all finished (aborted): drops their tokens
                 if self._busy is not None:
                     log.info(self._busy.summary())
                     self._busy = None
@@ -167,41 +174,80 @@ class LLMEngine:
         kind, seqs, n = self.scheduler.schedule()
         busy = self._busy = self._busy or BusyPeriod(start=time.perf_counter())
         start = time.perf_counter()
-        try:
+        if kind == "decode":
+            launched = self._launch_decode(seqs)
+            self._read_in_flight()
+            self._in_flight = launched
+            seconds, mean = time.perf_counter() - start, self.stats.time_per_output_token
+            self.stats.time_per_output_token = 0.9 * mean + 0.1 * seconds if mean else seconds
+        else:
+            self._read_in_flight()  # a prefill chunk runs after every queued step, on settled sequences
             if kind == "prefill":
-                seq = seqs[0]
-                logits = self.runner.prefill(seq, n)
-                self.scheduler.prefilled(seq, n)
-                tokens = None
-                if seq.num_prefilled == len(seq.prompt_ids):
-                    tokens = self.runner.sample(logits, seqs, [self._banned(seq)])
+                self._prefill(seqs[0], n)
                 busy.prefill_chunks += 1
                 busy.prefill_seconds += time.perf_counter() - start
-                if tokens is not None:
-                    self._append(seqs, tokens)
-            elif kind == "decode":
-                logits = self.runner.decode(seqs)
-                for seq in seqs:
-                    if seq.status == Status.PREFILLING:  # fed a prompt token
-                        self.scheduler.prefilled(seq, 1)
-                # Sample the sequences that now need a token (the ones still in their prompts don't;
-                # their generators must not advance either).
-                rows = [i for i, seq in enumerate(seqs) if seq.status == Status.RUNNING]
-                ready = [seqs[i] for i in rows]
-                tokens = self.runner.sample(logits, ready, [self._banned(s) for s in ready],
-                                            rows if len(rows) < len(seqs) else None) if ready else []
-                step_seconds = time.perf_counter() - start
-                busy.decode_steps += 1
-                busy.decode_rows += len(seqs)
-                busy.decode_seconds += step_seconds
-                self._append(ready, tokens)
-                self.stats.time_per_output_token = (0.9 * self.stats.time_per_output_token + 0.1 * step_seconds
-                                                    if self.stats.time_per_output_token else step_seconds)
-        except Exception as exc:  # the engine keeps serving the others
-            log.error("[deepseek_v4] %s step failed: %s: %s", kind, type(exc).__name__, exc)
-            for seq in seqs:
-                self._finish(seq, "error", error=f"internal error: {type(exc).__name__}: {exc}")
         self._update_stats()
+
+    def _prefill(self, seq: Sequence, n: int) -> None:
+        try:
+            logits = self.runner.prefill(seq, n)
+            self.scheduler.prefilled(seq, n)
+            if seq.num_prefilled < len(seq.prompt_ids):
+                return
+            tokens = self.runner.sample(logits, [seq], [self._banned(seq)]).result()
+            self._append([seq], tokens)
+        except Exception as exc:  # the engine keeps serving the others
+            self._fail("prefill", [seq], exc)
+
+    def _launch_decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], SampledTokens] | None:
+        """Queues one decode step and the sampling of its tokens; -> (sampled sequences, tokens)."""
+        start = time.perf_counter()
+        previous = self._in_flight[1] if self._in_flight is not None else None
+        try:
+            logits = self.runner.decode(seqs, previous)
+            for seq in seqs:
+                if seq.status == Status.PREFILLING:  # fed a prompt token
+                    self.scheduler.prefilled(seq, 1)
+            # Sample the sequences that now need a token (the ones still in their prompts don't;
+            # their generators must not advance either).
+            rows = [i for i, seq in enumerate(seqs) if seq.status == Status.RUNNING]
+            ready = [seqs[i] for i in rows]
+            tokens = self.runner.sample(logits, ready, [self._banned(s) for s in ready],
+                                        rows if len(rows) < len(seqs) else None) if ready else None
+        except Exception as exc:
+            self._fail("decode", seqs, exc)
+            return None
+        for row, seq in enumerate(ready):
+            seq.num_pending += 1
+            seq.pending_row = row
+        self._busy.decode_steps += 1
+        self._busy.decode_rows += len(seqs)
+        self._busy.decode_seconds += time.perf_counter() - start
+        return (ready, tokens) if ready else None
+
+    def _read_in_flight(self) -> None:
+        """Waits for the queued decode step's tokens (not for any step queued after it) and hands
+        them out. A sequence that finished meanwhile (a stop, an abort) drops its token."""
+        if self._in_flight is None:
+            return
+        seqs, sampled = self._in_flight
+        self._in_flight = None
+        start = time.perf_counter()
+        try:
+            tokens = sampled.result()
+            for seq in seqs:
+                seq.num_pending -= 1
+            if self._busy is not None:
+                self._busy.decode_seconds += time.perf_counter() - start
+            live = [(seq, token) for seq, token in zip(seqs, tokens) if not seq.is_finished]
+            self._append([seq for seq, _ in live], [token for _, token in live])
+        except Exception as exc:  # the engine keeps serving the others
+            self._fail("decode", [seq for seq in seqs if not seq.is_finished], exc)
+
+    def _fail(self, kind: str, seqs: list[Sequence], exc: Exception) -> None:
+        log.error("[deepseek_v4] %s step failed: %s: %s", kind, type(exc).__name__, exc)
+        for seq in seqs:
+            self._finish(seq, "error", error=f"internal error: {type(exc).__name__}: {exc}")
 
     def _banned(self, seq: Sequence) -> list[int]:
         """Stop tokens masked out until min_tokens outputs exist."""

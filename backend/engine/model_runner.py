@@ -12,7 +12,7 @@ from ..model import DeepseekV4
 from ..synthetic import default_checkpoint
 from ..tokenizer import load_tokenizer
 from .config import EngineConfig
-from .sampler import sample
+from .sampler import SampledTokens, host_to_device, sample
 from .sequence import Sequence
 
 log = logging.getLogger("deepseek_v4")
@@ -55,7 +55,7 @@ class ModelRunner:
 
     def start_sequence(self, seq: Sequence) -> None:
         """A sequence takes its slot: clear what the slot held and give it its own generator."""
-        self.state.reset([seq.slot])
+        self.state.reset(host_to_device([seq.slot], self.device))  # no wait for the queued step
         seed = seq.params.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
@@ -69,27 +69,46 @@ class ModelRunner:
         logits, _ = self.model.forward(torch.tensor([chunk]), seq.num_prefilled, [seq.slot], self.state)
         return logits[0]
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def decode(self, seqs: list[Sequence], previous: SampledTokens | None) -> torch.Tensor:
         """One token for each sequence: its last token, or for a sequence still prefilling (a short
-        prompt riding in the decode step) its next prompt token; -> logits [B, V]."""
-        inputs = [self._next_input(s) for s in seqs]
-        tokens, positions = [t for t, _ in inputs], [p for _, p in inputs]
+        prompt riding in the decode step) its next prompt token; -> logits [B, V]. A sequence whose
+        last token the previous step sampled and nobody has read yet (`num_pending`) takes it from
+        `previous.tokens` on the device, so this step can be queued before that one finishes."""
+        tokens, positions, from_previous = [], [], []
+        for seq in seqs:
+            token, position, row = self._next_input(seq)
+            tokens.append(token)
+            positions.append(position)
+            from_previous.append(row)
+        slots = [s.slot for s in seqs]
+        rows = self.graphs.pad(tokens, positions, slots) if self.graphs is not None else [tokens, positions, slots]
+        pad = len(rows[0]) - len(seqs)
+        inputs = host_to_device(rows + [from_previous + [-1] * pad], self.device)
+        if any(r >= 0 for r in from_previous):
+            if previous is None:
+                raise RuntimeError("a sequence's last token is pending, but no step is in flight")
+            take = inputs[3]
+            inputs[0] = torch.where(take >= 0, previous.tokens[take.clamp(min=0)], inputs[0])
         if self.graphs is not None:
-            return self.graphs.run(tokens, positions, [s.slot for s in seqs])
-        logits, _ = self.model.forward(torch.tensor(tokens).view(-1, 1), torch.tensor(positions),
-                                       [s.slot for s in seqs], self.state)
+            return self.graphs.replay(inputs[:3], len(seqs))
+        logits, _ = self.model.forward(inputs[0].view(-1, 1), inputs[1], inputs[2], self.state)
         return logits
 
-    def _next_input(self, seq: Sequence) -> tuple[int, int]:
+    def _next_input(self, seq: Sequence) -> tuple[int, int, int]:
+        """-> (token, position, row of the previous step's tokens to take it from instead, or -1)."""
         if seq.num_prefilled < len(seq.prompt_ids):
             if seq.num_prefilled == 0:
                 self.start_sequence(seq)
-            return seq.prompt_ids[seq.num_prefilled], seq.num_prefilled
-        return seq.last_token, seq.num_tokens - 1
+            return seq.prompt_ids[seq.num_prefilled], seq.num_prefilled, -1
+        if seq.num_pending:
+            return 0, seq.num_tokens + seq.num_pending - 1, seq.pending_row
+        return seq.last_token, seq.num_tokens - 1, -1
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], banned: list[list[int]],
-               rows: list[int] | None = None) -> list[int]:
-        """A token for each of seqs from its row of logits (rows: which rows, when not all)."""
+               rows: list[int] | None = None) -> SampledTokens:
+        """A token for each of seqs from its row of logits (rows: which rows, when not all), left on
+        the device with its copy to the host under way."""
         if rows is not None:
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        return sample(logits.view(len(seqs), -1), [s.params for s in seqs], [s.generator for s in seqs], banned)
+            logits = logits[host_to_device(rows, logits.device)]
+        return SampledTokens(sample(logits.view(len(seqs), -1), [s.params for s in seqs],
+                                    [s.generator for s in seqs], banned))

@@ -4,7 +4,12 @@ running sequence (continuous batching: sequences join and leave the decode batch
 Short prompts (up to `decode_prompt_tokens`) skip prefill chunks: their tokens ride in the decode
 steps, one per step, next to the running sequences. Decode steps replay CUDA graphs, while a
 prefill chunk runs eagerly, launch-bound and GIL-bound (~40 ms for a 4-layer flash-shaped model
-however short the prompt), stalling every running sequence."""
+however short the prompt), stalling every running sequence.
+
+The engine queues a decode step before it reads the previous step's tokens, so a sequence can have
+a token in flight. One whose in-flight token is sure to be its last (max_tokens, max_model_len) is
+left out of the next step; one that stops on a token or a stop string takes part in one step too
+many, whose output is dropped."""
 from __future__ import annotations
 
 from collections import deque
@@ -14,8 +19,10 @@ from .slots import SlotAllocator
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, prefill_chunk: int, decode_prompt_tokens: int = 0):
+    def __init__(self, num_slots: int, prefill_chunk: int, decode_prompt_tokens: int = 0,
+                 max_model_len: int | None = None):
         self.slots = SlotAllocator(num_slots)
+        self.max_model_len = max_model_len
         self.prefill_chunk = prefill_chunk
         self.decode_prompt_tokens = decode_prompt_tokens
         self.waiting: deque[Sequence] = deque()
@@ -40,7 +47,7 @@ class Scheduler:
             self.prefilling.append(seq)
         riders = [s for s in self.prefilling if self.rides_decode(s)]
         chunked = [s for s in self.prefilling if not self.rides_decode(s)]
-        decode = self.running + riders
+        decode = [s for s in self.running if not self.ends_in_flight(s)] + riders
         want_prefill = bool(chunked) and not (decode and self._decode_turn)
         self._decode_turn = not self._decode_turn
         if want_prefill:
@@ -49,6 +56,14 @@ class Scheduler:
         if decode:
             return "decode", decode, 1
         return "idle", [], 0
+
+    def ends_in_flight(self, seq: Sequence) -> bool:
+        """Whether the sequence's in-flight token is its last by length, so it needs no more steps."""
+        if not seq.num_pending:
+            return False
+        outputs = len(seq.output_ids) + seq.num_pending
+        return outputs >= seq.params.max_tokens or (
+            self.max_model_len is not None and seq.num_tokens + seq.num_pending >= self.max_model_len)
 
     def rides_decode(self, seq: Sequence) -> bool:
         return len(seq.prompt_ids) <= self.decode_prompt_tokens

@@ -25,12 +25,17 @@ class Sequence:
         self.status = Status.WAITING
         self.slot: int | None = None
         self.num_prefilled = 0       # prompt tokens already in the state
+        # Sampled tokens not yet read back (0, or 1 while a decode step is in flight; 2 for a moment
+        # after the next step is queued); the latest is row `pending_row` of that step's tokens.
+        self.num_pending = 0
+        self.pending_row = -1
         self.finish_reason: str | None = None
         self.generator = None        # torch.Generator for sampling (set by the model runner)
         self.arrival_time = 0.0
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and output tokens known on the host (pending ones not counted)."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property

@@ -143,11 +143,11 @@ def test_sampler_masks_banned_ids_and_draws_the_same_tokens_in_any_batch():
               SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=1.0, top_p=0.9)]
     banned = [[7, 3], [], [7], []]
     gens = lambda seed: torch.Generator().manual_seed(seed)
-    batch = sample(logits, params, [None, None, gens(1), gens(2)], banned)
+    batch = sample(logits, params, [None, None, gens(1), gens(2)], banned).tolist()
     assert batch[0] == int(logits[0].index_fill(0, torch.tensor([7, 3]), float("-inf")).argmax())
     assert batch[1] == 7 and batch[2] != 7
     for b, seed in ((2, 1), (3, 2)):
-        assert sample(logits[b:b + 1], [params[b]], [gens(seed)], [banned[b]]) == [batch[b]]
+        assert sample(logits[b:b + 1], [params[b]], [gens(seed)], [banned[b]]).tolist() == [batch[b]]
 
 
 def _arrays(**kw):
@@ -272,3 +272,59 @@ def test_engine_abort(engine):
         threading.Event().wait(0.01)
     engine.abort(rid)
     assert done.wait(30) and outputs[-1].finish_reason == "abort" and len(outputs) < 100
+
+
+def test_engine_tokens_are_the_models_greedy_tokens_and_a_stop_drops_the_step_in_flight(engine):
+    """The engine's greedy tokens are the model's own, decoded here without the engine (one token
+    per forward); stopping on a token ends the output there although the next step was already
+    queued when that token was read."""
+    import torch
+
+    model = engine.runner.model
+    prompt = "a b c a b"
+    ids = engine.encode(prompt)
+    state = model.new_state(1, 128, with_mtp=False)
+    logits, _ = model.forward(torch.tensor([ids]), 0, [0], state)
+    expected = []
+    for _ in range(8):
+        expected.append(int(logits[0].argmax()))
+        logits, _ = model.forward(torch.tensor([[expected[-1]]]), len(ids) + len(expected) - 1, [0], state)
+    assert engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))["token_ids"] == expected
+    at = next(i for i in range(2, 8) if expected[i] not in expected[:i])  # a token seen first mid-output
+    out = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[expected[at]]))
+    assert out["token_ids"] == expected[:at + 1] and out["finish_reason"] == "stop"
+
+
+def test_a_decode_step_is_queued_before_the_previous_ones_tokens_are_read(engine, monkeypatch):
+    """The overlap itself: step N+1 is queued before step N's tokens are read, and a sequence
+    whose in-flight token is its last by length gets no step more."""
+    from backend.engine.sampler import SampledTokens
+    events = []
+    launch, read = engine.runner.decode, SampledTokens.result
+    monkeypatch.setattr(engine.runner, "decode", lambda *a: events.append("decode") or launch(*a))
+    monkeypatch.setattr(SampledTokens, "result", lambda self: events.append("read") or read(self))
+    fresh = LLMEngine(engine.config, runner=engine.runner)
+    fresh.start()
+    try:
+        out = fresh.generate("a b c", SamplingParams(max_tokens=5, temperature=0.0))
+    finally:
+        fresh.shutdown()
+    assert len(out["token_ids"]) == 5 and out["finish_reason"] == "length"
+    # the prefill chunk samples the first token; 4 decode steps give the rest, each queued first
+    assert events == ["read", "decode", "decode", "read", "decode", "read", "decode", "read", "read"], events
+
+
+def test_scheduler_leaves_out_a_sequence_whose_in_flight_token_is_its_last():
+    sched = Scheduler(num_slots=2, prefill_chunk=4, max_model_len=8)
+    by_tokens, by_length = Sequence([1, 2], SamplingParams(max_tokens=3)), Sequence([1, 2, 3, 4, 5], SamplingParams())
+    for seq in (by_tokens, by_length):
+        sched.add(seq)
+        sched.schedule()
+        sched.prefilled(seq, len(seq.prompt_ids))
+    by_tokens.output_ids = by_length.output_ids = [7, 7]  # the pending token: 3 of 3 outputs; 8 of 8 tokens
+    for seq in (by_tokens, by_length):
+        seq.num_pending = 1
+    assert sched.ends_in_flight(by_tokens) and sched.ends_in_flight(by_length)
+    assert sched.schedule() == ("idle", [], 0)
+    by_tokens.num_pending = by_length.num_pending = 0
+    assert sched.schedule() == ("decode", [by_tokens, by_length], 1)

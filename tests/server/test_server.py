@@ -43,8 +43,11 @@ def test_http_generate_endpoints_raw(server):
     body = json.dumps({**json.loads(body), "stream": True}).encode()
     events = urllib.request.urlopen(urllib.request.Request(f"{base}/generate_stream", data=body), timeout=60).read()
     events = [json.loads(line[5:]) for line in events.splitlines() if line.startswith(b"data:")]
-    ids = [e["output_ids"] for e in events]  # one id per event (a scalar in JSON)
-    assert len(events) == 4 and ids == whole["output_ids"] and events[-1]["finish_reason"] == "length"
+    # One id per event (a scalar in JSON), or several where the sender fell behind and joined
+    # queued outputs (the last two come close together: the engine reads a step's tokens after
+    # queuing the next step).
+    ids = [i for e in events for i in (e["output_ids"] if isinstance(e["output_ids"], list) else [e["output_ids"]])]
+    assert len(events) >= 2 and ids == whole["output_ids"] and events[-1]["finish_reason"] == "length"
 
 
 def test_input_ids_prompt(server):
