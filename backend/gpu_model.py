@@ -103,7 +103,7 @@ def _cache_inductor_next_to_the_kernels() -> None:
 
 class DeepseekV4Gpu(DeepseekV4):
     def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True, device="cuda",
-                 compile_attention: bool = False, overlap: bool | None = None):
+                 compile_attention: bool = False, overlap: bool = True):
         rest, stacks = split_experts(weights)  # routed experts' MXFP4 scales are checked when stacked
         for name, w in rest.items():
             if isinstance(w, Mxfp4Weight):  # a dense MXFP4 linear runs on the same W4A16 kernels
@@ -118,12 +118,7 @@ class DeepseekV4Gpu(DeepseekV4):
         # Decode steps run the work beside() marks on side streams, one per lane (the compressors
         # and the indexer; the window; the shared expert): at small batch each of their kernels
         # fills a few SMs, so they fit beside the query heads and the routed experts (captured as
-        # parallel graph branches; H200: -5% per step at batch 1-128). Empty: one stream.
-        # Off by default with compiled pieces: there a graph replay on the tiny model came 0.055
-        # from the eager step (tokens still equal), against bit-identical with eager pieces, and
-        # the cause is not found yet (tests/gpu/test_gpu_model.py, the xfail case).
-        if overlap is None:
-            overlap = not compile_attention
+        # parallel graph branches; H200: -3 to -5% per step at batch 1-128). Empty: one stream.
         lanes = 2 if overlap and self.device.type == "cuda" else 0
         self.side_streams = tuple(torch.cuda.Stream(self.device) for _ in range(lanes))
         for stream in self.side_streams:
@@ -137,6 +132,12 @@ class DeepseekV4Gpu(DeepseekV4):
             # head dim, rotation) and per coincidence of sizes; past Dynamo's default limit of 8 it
             # would run eagerly (seen on an H200 for the compressor), so the limit is raised.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # No duck shapes: a batch size equal to another size (hc_mult 4, 8 groups, ...) would
+            # share its symbol and compile variants of its own, which a graph of that batch size
+            # captured while eager calls took another variant (rounding differently: 0.055 apart
+            # on the tiny model; bit for bit without duck shapes, H200).
+            from torch.fx.experimental import _config as symbolic_shapes_config
+            symbolic_shapes_config.use_duck_shape = False
             _cache_inductor_next_to_the_kernels()
             has_fp8 = any(isinstance(w, Fp8BlockWeight) for w in self.w.values())
             for name in COMPILED_PIECES:

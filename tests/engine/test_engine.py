@@ -328,3 +328,27 @@ def test_scheduler_leaves_out_a_sequence_whose_in_flight_token_is_its_last():
     assert sched.schedule() == ("idle", [], 0)
     by_tokens.num_pending = by_length.num_pending = 0
     assert sched.schedule() == ("decode", [by_tokens, by_length], 1)
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_serves_on(engine, monkeypatch):
+    """The third decode step raises while the second is in flight: the request ends with an error
+    naming the failure after the tokens read before it (the in-flight step's token is dropped), and
+    the next request gets its full output."""
+    launch, calls = engine.runner.decode, []
+
+    def failing_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device fell over")
+        return launch(*args)
+    monkeypatch.setattr(engine.runner, "decode", failing_third)
+    fresh = LLMEngine(engine.config, runner=engine.runner)
+    fresh.start()
+    try:
+        failed = fresh.generate("a b c", SamplingParams(max_tokens=8, temperature=0.0))
+        served = fresh.generate("a b c", SamplingParams(max_tokens=8, temperature=0.0))
+    finally:
+        fresh.shutdown()
+    assert failed["finish_reason"] == "error" and "device fell over" in failed["error"]
+    assert len(failed["token_ids"]) == 2  # the prefill's token and the first decode step's
+    assert served["token_ids"][:2] == failed["token_ids"] and len(served["token_ids"]) == 8
