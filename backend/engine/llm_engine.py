@@ -273,7 +273,7 @@ class LLMEngine:
             reason = None
             if stop_token or stop_string:
                 reason = "stop"
-            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            elif seq.at_length_limit(self.config.max_model_len):
                 reason = "length"
             if reason is None:
                 self._emit(seq, callback, delta, [token], False, None)

@@ -59,11 +59,7 @@ class Scheduler:
 
     def ends_in_flight(self, seq: Sequence) -> bool:
         """Whether the sequence's in-flight token is its last by length, so it needs no more steps."""
-        if not seq.num_pending:
-            return False
-        outputs = len(seq.output_ids) + seq.num_pending
-        return outputs >= seq.params.max_tokens or (
-            self.max_model_len is not None and seq.num_tokens + seq.num_pending >= self.max_model_len)
+        return seq.num_pending > 0 and seq.at_length_limit(self.max_model_len, ahead=seq.num_pending)
 
     def rides_decode(self, seq: Sequence) -> bool:
         return len(seq.prompt_ids) <= self.decode_prompt_tokens

@@ -38,6 +38,12 @@ class Sequence:
         """Prompt and output tokens known on the host (pending ones not counted)."""
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def at_length_limit(self, max_model_len: int | None, ahead: int = 0) -> bool:
+        """Whether the sequence has its max_tokens outputs or max_model_len tokens, counting `ahead`
+        tokens more (its pending ones)."""
+        return (len(self.output_ids) + ahead >= self.params.max_tokens or
+                (max_model_len is not None and self.num_tokens + ahead >= max_model_len))
+
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
