@@ -23,7 +23,7 @@ import torch
 
 from kernels import dispatch
 from kernels.cute_compile import cache_root
-from kernels.mhc import mhc_coefficients
+from kernels.mhc import mhc_pre
 from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight, quantize_activation_fp8
 from kernels.linear import reserve_split_counters
 from kernels.moe import stack_experts
@@ -114,6 +114,7 @@ class DeepseekV4Gpu(DeepseekV4):
         self.w["head.weight"] = head.to(self.device, torch.bfloat16)  # 1 GB in BF16 for V4: not widened
         self._decoding = False
         self.stacked = self._stack_same_input_weights()
+        self.has_fp8 = any(isinstance(w, Fp8BlockWeight) for w in self.w.values())
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
         # Decode steps run the work beside() marks on side streams, one per lane (the compressors
         # and the indexer; the window; the shared expert): at small batch each of their kernels
@@ -139,10 +140,9 @@ class DeepseekV4Gpu(DeepseekV4):
             from torch.fx.experimental import _config as symbolic_shapes_config
             symbolic_shapes_config.use_duck_shape = False
             _cache_inductor_next_to_the_kernels()
-            has_fp8 = any(isinstance(w, Fp8BlockWeight) for w in self.w.values())
             for name in COMPILED_PIECES:
                 form = getattr(self, COMPILED_FORMS.get(name, name))
-                quantizes = has_fp8 and name in QUANTIZING_PIECES
+                quantizes = self.has_fp8 and name in QUANTIZING_PIECES
                 compiled = torch.compile(_quantizing(form) if quantizes else form, dynamic=True)
                 setattr(self, name, self._for_decode(getattr(self, name), compiled, quantizes))
 
@@ -234,11 +234,21 @@ class DeepseekV4Gpu(DeepseekV4):
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self._forked.clear()
 
-    def mix_coefficients(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor):
+    def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
+        """Two kernels (kernels.mhc.mhc_pre) instead of the reference's pieces; the sublayer's input
+        comes with its FP8 quantization when FP8 linears read it (wq_a||wkv, the shared w1||w3)."""
         if dispatch.backend(self.device) == "twin":
-            return super().mix_coefficients(mixes, scale, base)
-        a = self.args
-        return mhc_coefficients(mixes, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps)  # one kernel
+            return super().hc_pre(x, prefix, which)
+        a, w = self.args, self.w
+        b, s, hc, d = x.shape
+        y, post, comb, quantized = mhc_pre(x.reshape(b * s, hc, d), w[f"{prefix}hc_{which}_fn"],
+                                           w[f"{prefix}hc_{which}_scale"], w[f"{prefix}hc_{which}_base"],
+                                           w[f"{prefix}{which}_norm.weight"], a.hc_sinkhorn_iters, a.hc_eps,
+                                           a.rms_norm_eps, quantize=self.has_fp8)
+        y = y.view(b, s, d)
+        if quantized is not None:
+            self._fp8_inputs[y.data_ptr()] = (weakref.ref(y), *quantized)
+        return y, post.view(b, s, hc), comb.view(b, s, hc, hc)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         shape, w = x.shape, self.w[name]

@@ -116,6 +116,17 @@ def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
     return pre, post, comb
 
 
+def project_streams(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """The mHC streams [B, S, hc, D] projected to the mixes, RMS-normalized -> [B, S, (2+hc)*hc]."""
+    flat = wide(x.flatten(2))
+    return F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+
+
+def mix_streams(x: torch.Tensor, pre: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """A sublayer's input: sum_k pre_k * stream_k, then RMSNorm: [B, S, hc, D] -> [B, S, D]."""
+    return rms_norm((pre.unsqueeze(-1) * wide(x)).sum(2).to(x.dtype), norm, eps)
+
+
 def emitted_entries(num_entries: int, pos: torch.Tensor, ratio: int) -> torch.Tensor:
     """Which of a compressor's entries exist for each query position [B, S] -> mask [B, S, C]: entry
     e closes at position (e + 1) * ratio - 1."""
@@ -270,13 +281,10 @@ class DeepseekV4:
         return self.sublayer_input(x, pre, self.w[f"{prefix}{which}_norm.weight"]), post, comb
 
     def hc_mixes(self, x: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
-        """The streams [B, S, hc, D] projected to the mHC mixes, RMS-normalized -> [B, S, (2+hc)*hc]."""
-        flat = wide(x.flatten(2))
-        return F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.args.rms_norm_eps)
+        return project_streams(x, fn, self.args.rms_norm_eps)
 
     def sublayer_input(self, x: torch.Tensor, pre: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        """sum_k pre_k * stream_k, then RMSNorm: [B, S, hc, D] -> [B, S, D]."""
-        return rms_norm((pre.unsqueeze(-1) * wide(x)).sum(2).to(x.dtype), norm, self.args.rms_norm_eps)
+        return mix_streams(x, pre, norm, self.args.rms_norm_eps)
 
     def mix_coefficients(self, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor):
         a = self.args

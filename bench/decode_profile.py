@@ -79,7 +79,7 @@ def main():
 
 
 # What an eager step's kernels are attributed to: the innermost of these calls that launched them.
-_RUNNER_CALLS = ("linear", "grouped_linear", "mix_coefficients", "moe", "logits", "embed")
+_RUNNER_CALLS = ("linear", "grouped_linear", "hc_pre", "moe", "logits", "embed")
 _LABELLED = set()
 _LAYER_PREFIX = re.compile(r"(mtp\.\d+\.|layers\.\d+\.)")
 

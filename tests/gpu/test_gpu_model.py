@@ -130,11 +130,27 @@ def test_side_streams_change_no_bit(flavor, compile_attention, make_checkpoint):
                 assert torch.equal(getattr(a, part).kv, getattr(b, part).kv)
 
 
-def test_mhc_kernel_matches_its_twin():
-    from backend.model import sinkhorn_split
-    from kernels.mhc import mhc_coefficients
-    g = torch.Generator(device="cuda").manual_seed(4)
-    mixes = torch.randn(3, 5, 24, device="cuda", generator=g) * 3
+@pytest.mark.parametrize("dim,tokens", [(4096, 1), (4096, 8), (7168, 33), (128, 5)])
+def test_mhc_pre_matches_its_twin(dim, tokens):
+    """The two mHC kernels against the reference's pieces (project_streams, sinkhorn_split,
+    mix_streams) at V4-Flash / V4-Pro / tiny widths, on streams of different scales; the FP8
+    quantization bit for bit the FP8 runner's quantizer on the kernel's own output."""
+    from backend.model import mix_streams, project_streams, sinkhorn_split
+    from kernels.formats import quantize_activation_fp8
+    from kernels.mhc import mhc_pre
+    g = torch.Generator(device="cuda").manual_seed(dim + tokens)
+    h = torch.randn(tokens, 4, dim, device="cuda", generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0], device="cuda").view(4, 1)
+    fn = torch.randn(24, 4 * dim, device="cuda", generator=g) * 0.05
     scale, base = torch.rand(3, device="cuda", generator=g) + 0.5, torch.randn(24, device="cuda", generator=g)
-    for ours, twin in zip(mhc_coefficients(mixes, scale, base, 4, 20, 1e-6), sinkhorn_split(mixes, scale, base, 4, 20, 1e-6)):
-        assert ours.shape == twin.shape and torch.allclose(ours, twin, rtol=1e-5, atol=1e-6)
+    norm = torch.rand(dim, device="cuda", generator=g) + 0.5
+    x, post, comb, (q, q_scale) = mhc_pre(h, fn, scale, base, norm, 20, 1e-6, 1e-6, quantize=True)
+    streams = h.view(tokens, 1, 4, dim)
+    pre_ref, post_ref, comb_ref = sinkhorn_split(project_streams(streams, fn, 1e-6), scale, base, 4, 20, 1e-6)
+    x_ref = mix_streams(streams, pre_ref, norm, 1e-6)
+    for ours, ref in ((x, x_ref), (post, post_ref), (comb, comb_ref)):
+        ref = ref.reshape(ours.shape)
+        assert (ours - ref).norm() <= 3e-5 * ref.norm(), ((ours - ref).norm() / ref.norm()).item()
+    q_ref, scale_ref = quantize_activation_fp8(x)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(q_scale, scale_ref)
+    again = mhc_pre(h, fn, scale, base, norm, 20, 1e-6, 1e-6, quantize=False)
+    assert again[3] is None and torch.equal(again[0], x) and torch.equal(again[2], comb)  # deterministic
