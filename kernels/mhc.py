@@ -1,5 +1,5 @@
 """mHC pre-mix on the GPU (kernels/mhc_sm90.py): the streams -> the sublayer's input, post and comb,
-in two kernels. The twin is backend.model's hc_mixes, sinkhorn_split and sublayer_input."""
+in two kernels. The twin is backend.model's project_streams, sinkhorn_split and mix_streams."""
 from __future__ import annotations
 
 import functools

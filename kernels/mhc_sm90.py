@@ -1,7 +1,7 @@
 """mHC pre-mix in two kernels, CuTe DSL: the streams h [T, hc, D] -> the sublayer's input
 x = RMSNorm(sum_k pre_k * h_k) [T, D] (and its FP8 activation quantization), post [T, hc] and
-comb [T, hc*hc] (the Sinkhorn-normalized mix). The twin is backend.model's hc_mixes,
-sinkhorn_split and sublayer_input.
+comb [T, hc*hc] (the Sinkhorn-normalized mix). The twin is backend.model's project_streams,
+sinkhorn_split and mix_streams.
 
 Why two kernels: the projection of the streams on the 24 mix rows reads 1.5 MB of fp32 weights
 (V4-Flash) per call, which one CTA per token would stream at a fraction of the bandwidth; torch
@@ -10,11 +10,16 @@ sum, the norm, the quantizer: H200 profile in bench/NOTES.md).
 
 1. `mix_partials`: grid (K/128 chunks, token tiles). One warp-wide 128-element chunk of every mix
    row and of h itself (the RMS factor's sum of squares), per token: partial sums [T, chunks, 25].
-2. `mhc_pre_finish`: one CTA per token sums the partials in a fixed order (deterministic: a graph
-   replay and an eager call agree bit for bit), finds pre / post / comb (16 lanes of warp 0 hold
-   the 4x4 matrix, one element each; row and column sums are two butterfly shuffles), then mixes
-   the streams, normalizes and quantizes the result per 128 (power-of-two scales, as the FP8
-   runner's quantizer). Plain SIMT: any sm_90a / sm_100a.
+2. `mhc_pre_finish`: one CTA of 16 warps per token. It loads its part of the streams first (in
+   flight while the rest runs), sums the partials in a fixed order (deterministic: a graph replay
+   and an eager call agree bit for bit), finds pre / post / comb (16 lanes of warp 0 hold the 4x4
+   matrix, one element each; row and column sums are two butterfly shuffles), then mixes the
+   streams, normalizes and quantizes the result per 128 (power-of-two scales, as the FP8 runner's
+   quantizer). Plain SIMT: any sm_90a / sm_100a.
+
+Both issue every load of a thread before using any. The first version loaded token by token
+(kernel 1) and each partial behind a branch (kernel 2), with 4 warps doing the whole token: its
+finishing kernel took 13 us per call at batch 8 (H200 profile); this one is not profiled yet.
 """
 from __future__ import annotations
 
@@ -27,8 +32,9 @@ from .linear.fp8_block_sm90 import _pack_e4m3x4
 HC = 4           # hc_mult of every V4 model; one lane per matrix element
 MIXES = (2 + HC) * HC
 CHUNK = 128      # K elements of one partial (a warp, 4 per lane); also the FP8 quantization block
-WARPS = 4
+WARPS = 4           # kernel 1: a CTA's warps share the chunk's mix rows
 TOKENS_PER_CTA = 4  # kernel 1: tokens that share one CTA's weight registers
+FINISH_WARPS = 16   # kernel 2: one CTA per token; its streams spread thin enough to sit in registers
 
 
 @cute.jit
@@ -64,19 +70,25 @@ def _partials_kernel(h: cute.Tensor, fn: cute.Tensor, partials: cute.Tensor):
             w = fn[item, vec, None].load()
             for e in cutlass.range_constexpr(4):
                 rows[j, e] = w[e]
-    t_end = cutlass.min(by * TOKENS_PER_CTA + TOKENS_PER_CTA, h.shape[0])
-    x = cute.make_rmem_tensor((4,), Float32)
-    for t in cutlass.range(by * TOKENS_PER_CTA, t_end, unroll=1):
-        x.store(h[t, vec, None].load())
-        for j in cutlass.range_constexpr(per_warp):
-            item = warp + WARPS * j
-            if item <= MIXES:  # warp-uniform
-                acc = _dot4(x, x)
-                if item < MIXES:
-                    acc = _dot4(x, rows[j, None])
-                acc = cute.arch.warp_reduction_sum(acc)
-                if lane == 0:
-                    partials[t, s, item] = acc
+    # Every token's chunk is loaded first (the last token repeated past the end), so the loads
+    # overlap instead of costing a memory latency per token.
+    t0 = by * TOKENS_PER_CTA
+    x = cute.make_rmem_tensor((TOKENS_PER_CTA, 4), Float32)
+    for tt in cutlass.range_constexpr(TOKENS_PER_CTA):
+        chunk = h[cutlass.min(t0 + tt, h.shape[0] - 1), vec, None].load()
+        for e in cutlass.range_constexpr(4):
+            x[tt, e] = chunk[e]
+    for tt in cutlass.range_constexpr(TOKENS_PER_CTA):
+        if t0 + tt < h.shape[0]:  # uniform per CTA
+            for j in cutlass.range_constexpr(per_warp):
+                item = warp + WARPS * j
+                if item <= MIXES:  # warp-uniform
+                    acc = _dot4(x[tt, None], x[tt, None])
+                    if item < MIXES:
+                        acc = _dot4(x[tt, None], rows[j, None])
+                    acc = cute.arch.warp_reduction_sum(acc)
+                    if lane == 0:
+                        partials[t0 + tt, s, item] = acc
 
 
 @cute.kernel
@@ -91,24 +103,41 @@ def _finish_kernel(partials: cute.Tensor, h: cute.Tensor, scale: cute.Tensor, ba
     t, _, _ = cute.arch.block_idx()
     hc_dim = HC * dim
     chunks = hc_dim // CHUNK
+    blocks = dim // CHUNK  # of the output: warp w takes blocks w, w + FINISH_WARPS, ...; a lane 4 elements
+    per_warp = (blocks + FINISH_WARPS - 1) // FINISH_WARPS
     smem = cutlass.memory.SmemAllocator()
-    sums = smem.allocate_tensor(Float32, cute.make_layout((WARPS, 32)), 16)
+    sums = smem.allocate_tensor(Float32, cute.make_layout((FINISH_WARPS, 32)), 16)
     mixes = smem.allocate_tensor(Float32, cute.make_layout((32,)), 16)
     pre = smem.allocate_tensor(Float32, cute.make_layout((HC,)), 16)
-    sq = smem.allocate_tensor(Float32, cute.make_layout((WARPS,)), 16)
+    sq = smem.allocate_tensor(Float32, cute.make_layout((FINISH_WARPS,)), 16)
 
-    # 1. The partials of each item, warp w summing chunks w, w+4, ...; then the warps' sums in order.
+    # 0. This lane's part of the streams, loaded first: the loads overlap steps 1 and 2. Past the
+    #    last block a warp loads the last one again and uses nothing.
+    streams = cute.make_rmem_tensor((per_warp, HC, 4), Float32)
+    for j in cutlass.range_constexpr(per_warp):
+        vec = cutlass.min(warp + FINISH_WARPS * j, blocks - 1) * (CHUNK // 4) + lane
+        for k in cutlass.range_constexpr(HC):
+            chunk = h[t, k * (dim // 4) + vec, None].load()
+            for e in cutlass.range_constexpr(4):
+                streams[j, k, e] = chunk[e]
+
+    # 1. The partials of each item, warp w summing chunks w, w+16, ... (loads unconditional, so
+    #    they are all in flight at once); then the warps' sums in order.
     if lane <= MIXES:
         acc = Float32(0.0)
-        for s in cutlass.range_constexpr(0, chunks, WARPS):
-            if s + warp < chunks:
-                acc = acc + partials[t, s + warp, lane]
+        for first in cutlass.range_constexpr(0, chunks, FINISH_WARPS):
+            v = partials[t, cutlass.min(first + warp, chunks - 1), lane]
+            if cutlass.const_expr(chunks % FINISH_WARPS == 0):
+                acc = acc + v
+            else:
+                if first + warp < chunks:
+                    acc = acc + v
         sums[warp, lane] = acc
     cute.arch.sync_threads()
     if warp == 0 and lane <= MIXES:
         total = sums[0, lane]
-        for w in cutlass.range_constexpr(1, WARPS):
-            total = total + sums[w, lane]
+        for other in cutlass.range_constexpr(1, FINISH_WARPS):
+            total = total + sums[other, lane]
         mixes[lane] = total
     cute.arch.sync_threads()
 
@@ -135,23 +164,15 @@ def _finish_kernel(partials: cute.Tensor, h: cute.Tensor, scale: cute.Tensor, ba
             post[t, k] = Float32(2.0) * _sigmoid((mixes[HC + k] * rms) * scale[1] + base[HC + k])
     cute.arch.sync_threads()
 
-    # 3. y = sum_k pre_k h_k: warp w takes 128-element blocks w, w+4, ...; lane 4 elements of each.
-    blocks = dim // CHUNK
-    per_warp = (blocks + WARPS - 1) // WARPS
+    # 3. y = sum_k pre_k h_k (streams in order, as the twin's sum) and its sum of squares.
     y = cute.make_rmem_tensor((per_warp, 4), Float32)
     ss = Float32(0.0)
     for j in cutlass.range_constexpr(per_warp):
-        b = warp + WARPS * j
-        if b < blocks:
-            vec = b * (CHUNK // 4) + lane
-            for k in cutlass.range_constexpr(HC):  # streams in order, as the twin's sum
-                stream = cute.make_rmem_tensor((4,), Float32)
-                stream.store(h[t, k * (dim // 4) + vec, None].load())
-                for e in cutlass.range_constexpr(4):
-                    if cutlass.const_expr(k == 0):
-                        y[j, e] = stream[e] * pre[0]
-                    else:
-                        y[j, e] = y[j, e] + stream[e] * pre[k]
+        for e in cutlass.range_constexpr(4):
+            y[j, e] = streams[j, 0, e] * pre[0]
+            for k in cutlass.range_constexpr(1, HC):
+                y[j, e] = y[j, e] + streams[j, k, e] * pre[k]
+        if warp + FINISH_WARPS * j < blocks:  # warp-uniform
             for e in cutlass.range_constexpr(4):
                 ss = ss + y[j, e] * y[j, e]
     ss = cute.arch.warp_reduction_sum(ss)
@@ -159,13 +180,13 @@ def _finish_kernel(partials: cute.Tensor, h: cute.Tensor, scale: cute.Tensor, ba
         sq[warp] = ss
     cute.arch.sync_threads()
     total = sq[0]
-    for w in cutlass.range_constexpr(1, WARPS):
-        total = total + sq[w]
+    for other in cutlass.range_constexpr(1, FINISH_WARPS):
+        total = total + sq[other]
     inv_rms = cute.math.rsqrt(total / Float32(dim) + Float32(rms_eps))
 
     # 4. RMSNorm, store; per 128-block: amax, power-of-two scale, E4M3 (the FP8 runner's quantizer).
     for j in cutlass.range_constexpr(per_warp):
-        b = warp + WARPS * j
+        b = warp + FINISH_WARPS * j
         if b < blocks:
             vec = b * (CHUNK // 4) + lane
             w = cute.make_rmem_tensor((4,), Float32)
@@ -201,4 +222,4 @@ def mhc_pre_finish(partials, h, scale, base, norm, x_out, post, comb, q_words, q
                    rms_eps: cutlass.Constexpr, quantize: cutlass.Constexpr):
     """See _finish_kernel; one CTA per token."""
     _finish_kernel(partials, h, scale, base, norm, x_out, post, comb, q_words, q_scale, dim, iters, eps, rms_eps,
-                   quantize).launch(grid=[h.shape[0], 1, 1], block=[32 * WARPS, 1, 1], stream=stream)
+                   quantize).launch(grid=[h.shape[0], 1, 1], block=[32 * FINISH_WARPS, 1, 1], stream=stream)
