@@ -13,7 +13,7 @@ import torch
 from bench.moe_w4a16 import SHAPES
 from bench.timing import graph_time, require_gpu
 from kernels.cute_compile import target_arch
-from kernels.moe import _compiled, _vecs, compile_kernels, dispatch_fused, pair_order
+from kernels.moe import _compiled, _vecs, compile_kernels, dispatch_fused, pair_order, register_bound
 from tests.gpu.test_moe_w4a16 import random_stacked
 
 TOKENS = (1, 8, 32, 128)
@@ -45,9 +45,10 @@ def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K,
                                                              split_halves if gated else (False,))
                      if not (v[-1] and v[3] > 1)]  # split halves exclude K splitting
         for kind, tiles, unroll, wm, wk, ctas, split in variants:
+            bound = register_bound(gated, tiles, wk, split) if kind == "mma" and ctas is None else ctas
             fn = (_compiled(gated, 16, arch, "gemv", top_k=k, swiglu_limit=10.0) if kind == "gemv" else
                   _compiled(gated, 16, arch, "mma", tiles, unroll, wk, top_k=k, swiglu_limit=10.0, warps_m=wm,
-                            min_ctas=ctas, split_halves=split))
+                            min_ctas=bound, split_halves=split))
             times = []
             for t in TOKENS:
                 xp, rw, d, h, y, h_out = cases[t]

@@ -34,15 +34,14 @@ __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "uns
 @functools.cache
 def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: int = 1, k_unroll: int = 2,
               warps_k: int = 1, top_k: int = 1, swiglu_limit: float = 0.0, warps_m: int = 4,
-              min_ctas: int | None = None, split_halves: bool = False):
+              min_ctas: int = 0, split_halves: bool = False):
     """One compiled grouped GEMM per static configuration; every size is a runtime value.
     kind "gemv": the SIMT kernel (kernels.moe.w4a16_sm90), for about one token per expert.
     kind "mma": the tensor-core kernel (kernels.moe.w4a16_mma_sm90); its knobs: token tiles of 8
     per pass over the weights, 128-wide K blocks per load round, warps splitting K and warps
-    splitting rows per CTA, and a register bound of `min_ctas` CTAs per SM (None: L2_MIN_CTAS for
-    the ungated kernel with one token tile and no K splitting, else none), and for L1 whether
-    w1 and w3 rows go to separate warps (`split_halves`, not with K splitting). top_k and
-    swiglu_limit matter to L1 (gated) only."""
+    splitting rows per CTA, a register bound of `min_ctas` CTAs per SM (0: none; `register_bound`
+    gives the default), and for L1 whether w1 and w3 rows go to separate warps (`split_halves`, not
+    with K splitting). top_k and swiglu_limit matter to L1 (gated) only."""
     import cutlass
 
     from . import w4a16_mma_sm90, w4a16_sm90
@@ -56,8 +55,6 @@ def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: in
             fake(cutlass.Int32, None), fake(cutlass.Int32, None), fake(cutlass.Int32, 1),
             fake(cutlass.Float16 if gated else cutlass.Float32, None, None))
     common = (top_k, group, gated, float(swiglu_limit))
-    if min_ctas is None:
-        min_ctas = L2_MIN_CTAS if not gated and warps_k == 1 and n_tiles == 1 else 0
     if kind == "gemv":
         simt = w4a16_sm90
         tiles = (simt.WARPS, simt.ROWS_L1 if gated else simt.ROWS_L2, simt.TOKEN_TILE)
@@ -106,10 +103,23 @@ def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int, gated: 
     return dict(kind="mma", **_mma_knobs(n_tiles, 2 if k % 256 == 0 else 1, warps_k, gated))
 
 
+def register_bound(gated: bool, n_tiles: int, warps_k: int, split_halves: bool) -> int:
+    """The CTAs per SM ptxas is told to fit (0: no bound) for a tensor-core variant: L2 and L1 with
+    split halves, one token tile and no K splitting (see L2_MIN_CTAS, L1_MIN_CTAS)."""
+    if n_tiles != 1 or warps_k != 1:
+        return 0
+    if gated:
+        return L1_MIN_CTAS if split_halves else 0
+    return L2_MIN_CTAS
+
+
 def _mma_knobs(n_tiles: int, k_unroll: int, warps_k: int, gated: bool) -> dict:
+    split = gated and L1_SPLIT_HALVES and warps_k == 1 and n_tiles == 1
     knobs = dict(n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k)
-    if gated and L1_SPLIT_HALVES and warps_k == 1 and n_tiles == 1:
-        knobs.update(split_halves=True, min_ctas=L1_MIN_CTAS)
+    if split:
+        knobs.update(split_halves=True)
+    if register_bound(gated, n_tiles, warps_k, split):
+        knobs.update(min_ctas=register_bound(gated, n_tiles, warps_k, split))
     return knobs
 
 

@@ -124,7 +124,7 @@ def test_kernel_variant_follows_the_expected_tokens_per_expert():
     assert expected_active_experts(4096, 6, 256) == pytest.approx(256)
     assert gemm_config(1.0, 6, 2048, 4096) == {"kind": "gemv"}
     big = gemm_config(3.1, 244, 2048, 4096)
-    assert big == {"kind": "mma", "n_tiles": 1, "k_unroll": 2, "warps_k": 1}
+    assert big == {"kind": "mma", "n_tiles": 1, "k_unroll": 2, "warps_k": 1, "min_ctas": 6}  # L2: bounded
     assert gemm_config(3.1, 244, 2048, 4096, gated=True) == dict(big, split_halves=True, min_ctas=3)  # L1
     assert "split_halves" not in gemm_config(8, 1, 1024, 128, gated=True)  # not with K splitting
     assert gemm_config(40, 256, 4096, 2048)["n_tiles"] == 4
