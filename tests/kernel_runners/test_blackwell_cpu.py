@@ -17,8 +17,10 @@ def test_every_sm100a_variant_compiles():
             "n = compile_kernels('sm_100a')\n"
             "moe.compile_kernels('mxfp4', 6, 10.0, num_experts=256)  # MXFP4 experts stay W4A16 on Blackwell\n"
             "n += moe._compiled.cache_info().currsize + moe._compiled_dispatch.cache_info().currsize\n"
-            "print(f'compiled {n} sm_100a variants')\n")
-    assert "compiled 35 sm_100a variants" in compile_for("sm_100a", code)
+            "from kernels.mhc import _compiled_finish, _compiled_partials  # the mHC pre-mix (plain SIMT)\n"
+            "_compiled_partials('sm_100a'), _compiled_finish(4096, 20, 1e-6, 1e-6, True, 'sm_100a')\n"
+            "print(f'compiled {n + 2} sm_100a variants')\n")
+    assert "compiled 37 sm_100a variants" in compile_for("sm_100a", code)
 
 
 def test_w4a4_twin_accuracy_on_a_reduced_flash_shaped_layer():
