@@ -115,6 +115,7 @@ class DeepseekV4Gpu(DeepseekV4):
         self._decoding = False
         self.stacked = self._stack_same_input_weights()
         self.has_fp8 = any(isinstance(w, Fp8BlockWeight) for w in self.w.values())
+        self.fused_mhc = dispatch.backend(self.device) != "twin"  # hc_pre on kernels.mhc (CPU: the reference's pieces)
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
         # Decode steps run the work beside() marks on side streams, one per lane (the compressors
         # and the indexer; the window; the shared expert): at small batch each of their kernels
@@ -237,7 +238,7 @@ class DeepseekV4Gpu(DeepseekV4):
     def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
         """Two kernels (kernels.mhc.mhc_pre) instead of the reference's pieces; the sublayer's input
         comes with its FP8 quantization when FP8 linears read it (wq_a||wkv, the shared w1||w3)."""
-        if dispatch.backend(self.device) == "twin":
+        if not self.fused_mhc:
             return super().hc_pre(x, prefix, which)
         a, w = self.args, self.w
         b, s, hc, d = x.shape

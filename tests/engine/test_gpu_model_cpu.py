@@ -289,3 +289,44 @@ def test_compiled_pieces_hand_their_fp8_quantization_to_the_linears(make_checkpo
     csa_layers = sum(ck.args.compress_ratio(i) == 4 for i in range(ck.args.num_hidden_layers))
     assert per_step.count(True) == 3 * (5 * ck.args.num_hidden_layers + csa_layers)
     assert torch.equal(logits[fused], logits[plain])
+
+
+def test_fused_mhc_gives_the_reference_logits_and_hands_over_its_quantization(make_checkpoint, monkeypatch):
+    """hc_pre through kernels.mhc.mhc_pre's interface (on the CPU a stand-in composed from the
+    reference's pieces; tests/gpu checks the kernels against the same pieces) gives the logits of the
+    reference's hc_pre bit for bit, in prefill and decode, and the FP8 linears that read a sublayer's
+    input (wq_a||wkv, the shared w1||w3) take the quantization it hands over instead of their own."""
+    import backend.gpu_model as gm
+    from backend.model import mix_streams, project_streams, sinkhorn_split
+    from kernels.formats import quantize_activation_fp8
+
+    def mhc_pre_stand_in(h, fn, scale, base, norm, iters, eps, rms_eps, quantize):
+        streams = h.unsqueeze(1)  # [T, 1, hc, D]
+        pre, post, comb = sinkhorn_split(project_streams(streams, fn, rms_eps), scale, base, h.shape[1], iters, eps)
+        x = mix_streams(streams, pre, norm, rms_eps)[:, 0]
+        return x, post[:, 0], comb[:, 0], quantize_activation_fp8(x) if quantize else None
+    monkeypatch.setattr(gm, "mhc_pre", mhc_pre_stand_in)
+    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
+    plain = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
+    fused = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
+    assert not fused.fused_mhc  # the CPU default
+    fused.fused_mhc = True
+    taken = []
+
+    def counting(x, lookup=fused._fp8_input):
+        pair = lookup(x)
+        taken.append(pair is not None)
+        return pair
+    fused._fp8_input = counting
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 500, (1, n), generator=g) for n in (6, 11)]
+    tokens, pos = torch.randint(2, 500, (2, 1), generator=g), torch.tensor([6, 11])
+    logits = {}
+    for model in (plain, fused):
+        state = model.new_state(2, 64, with_mtp=False)
+        prefill_logits = [model.forward(prompt, 0, [i], state)[0] for i, prompt in enumerate(prompts)]
+        taken.clear()
+        steps = [model.forward(tokens, pos + step, torch.arange(2), state)[0] for step in range(3)]
+        logits[model] = torch.cat([p.flatten() for p in prefill_logits] + [s.flatten() for s in steps])
+    assert torch.equal(logits[fused], logits[plain])
+    assert taken.count(True) == 3 * 2 * ck.args.num_hidden_layers
