@@ -115,7 +115,10 @@ class DeepseekV4Gpu(DeepseekV4):
         self._decoding = False
         self.stacked = self._stack_same_input_weights()
         self.has_fp8 = any(isinstance(w, Fp8BlockWeight) for w in self.w.values())
-        self.fused_mhc = dispatch.backend(self.device) != "twin"  # hc_pre on kernels.mhc (CPU: the reference's pieces)
+        # hc_pre on kernels.mhc where its kernels apply (every V4 model: hc_mult 4, hidden a multiple
+        # of 128); elsewhere, and on the CPU, the reference's pieces.
+        self.fused_mhc = (dispatch.backend(self.device) != "twin" and args.hc_mult == 4
+                          and args.hidden_size % FP8_BLOCK == 0)
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
         # Decode steps run the work beside() marks on side streams, one per lane (the compressors
         # and the indexer; the window; the shared expert): at small batch each of their kernels
