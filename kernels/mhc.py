@@ -49,9 +49,9 @@ def mhc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     x = torch.empty(t, dim, dtype=torch.float32, device=dev)
     post = torch.empty(t, hc, dtype=torch.float32, device=dev)
     comb = torch.empty(t, hc * hc, dtype=torch.float32, device=dev)
-    rows = t if quantize else 1  # unused when not quantizing
-    q = torch.empty(rows, dim if quantize else 4, dtype=torch.float8_e4m3fn, device=dev)
-    q_scale = torch.empty(rows, dim // FP8_BLOCK if quantize else 1, dtype=torch.float32, device=dev)
+    q_shape, scale_shape = ((t, dim), (t, dim // FP8_BLOCK)) if quantize else ((1, 4), (1, 1))  # else unwritten
+    q = torch.empty(q_shape, dtype=torch.float8_e4m3fn, device=dev)
+    q_scale = torch.empty(scale_shape, dtype=torch.float32, device=dev)
     _compiled_finish(dim, iters, float(eps), float(rms_eps), quantize, arch)(
         partials, h.view(t, -1, 4), scale.float().contiguous(), base.float().contiguous(),
         norm.float().contiguous().view(-1, 4), x.view(t, -1, 4), post, comb, q.view(torch.int32), q_scale)
