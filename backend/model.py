@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.formats import Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp4_qdq, fp8_qdq, hadamard
+from kernels.formats import (Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp4_qdq, fp8_qdq, hadamard,
+                             quantize_activation_fp8)
 from kernels.linear import dequantize_weight, linear_ref
 
 from .config import ModelArgs
@@ -125,6 +126,16 @@ def project_streams(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tens
 def mix_streams(x: torch.Tensor, pre: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
     """A sublayer's input: sum_k pre_k * stream_k, then RMSNorm: [B, S, hc, D] -> [B, S, D]."""
     return rms_norm((pre.unsqueeze(-1) * wide(x)).sum(2).to(x.dtype), norm, eps)
+
+
+def mhc_pre_reference(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
+                      iters: int, eps: float, rms_eps: float, quantize: bool):
+    """The reference's hc_pre on tokens h [T, hc, D] in kernels.mhc.mhc_pre's interface (its twin):
+    -> x [T, D], post [T, hc], comb [T, hc, hc], and x's FP8 activation quantization or None."""
+    streams = h.unsqueeze(1)  # [T, 1, hc, D]
+    pre, post, comb = sinkhorn_split(project_streams(streams, fn, rms_eps), scale, base, h.shape[1], iters, eps)
+    x = mix_streams(streams, pre, norm, rms_eps)[:, 0]
+    return x, post[:, 0], comb[:, 0], quantize_activation_fp8(x) if quantize else None
 
 
 def emitted_entries(num_entries: int, pos: torch.Tensor, ratio: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """mHC pre-mix on the GPU (kernels/mhc_sm90.py): the streams -> the sublayer's input, post and comb,
-in two kernels. The twin is backend.model's project_streams, sinkhorn_split and mix_streams."""
+in two kernels. The twin is backend.model.mhc_pre_reference."""
 from __future__ import annotations
 
 import functools

@@ -1,7 +1,7 @@
 """mHC pre-mix in two kernels, CuTe DSL: the streams h [T, hc, D] -> the sublayer's input
 x = RMSNorm(sum_k pre_k * h_k) [T, D] (and its FP8 activation quantization), post [T, hc] and
-comb [T, hc*hc] (the Sinkhorn-normalized mix). The twin is backend.model's project_streams,
-sinkhorn_split and mix_streams.
+comb [T, hc*hc] (the Sinkhorn-normalized mix). The twin is
+backend.model.mhc_pre_reference.
 
 Why two kernels: the projection of the streams on the 24 mix rows reads 1.5 MB of fp32 weights
 (V4-Flash) per call, which one CTA per token would stream at a fraction of the bandwidth; torch

@@ -255,6 +255,19 @@ def test_compiled_pieces_are_cached_next_to_the_kernels(make_checkpoint, tmp_pat
     assert any((tmp_path / "inductor").rglob("*.py")), sorted(p.name for p in tmp_path.rglob("*"))[:20]
 
 
+def record_fp8_handovers(model) -> list[bool]:
+    """Wraps model._fp8_input: the list gets, per FP8 linear call, whether it took a quantization
+    handed over by the piece that made its input."""
+    found, lookup = [], model._fp8_input
+
+    def recording(x):
+        pair = lookup(x)
+        found.append(pair is not None)
+        return pair
+    model._fp8_input = recording
+    return found
+
+
 def test_compiled_pieces_hand_their_fp8_quantization_to_the_linears(make_checkpoint, monkeypatch):
     """With compile_attention, the pieces that feed FP8 linears also quantize their output, and the
     linears take that instead of quantizing it again: per decode step and layer wq_a||wkv, wq_b,
@@ -266,13 +279,7 @@ def test_compiled_pieces_hand_their_fp8_quantization_to_the_linears(make_checkpo
     fused = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu", compile_attention=True)
     monkeypatch.setattr(gm, "QUANTIZING_PIECES", ())
     plain = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu", compile_attention=True)
-    found = []
-
-    def counting(x, lookup=fused._fp8_input):
-        pair = lookup(x)
-        found.append(pair is not None)
-        return pair
-    fused._fp8_input = counting
+    found = record_fp8_handovers(fused)
     g = torch.Generator().manual_seed(4)
     states = {m: m.new_state(4, 64, with_mtp=False) for m in (fused, plain)}
     prompts = [torch.randint(2, 500, (1, n), generator=g) for n in (5, 9, 13, 20)]
@@ -292,32 +299,19 @@ def test_compiled_pieces_hand_their_fp8_quantization_to_the_linears(make_checkpo
 
 
 def test_fused_mhc_gives_the_reference_logits_and_hands_over_its_quantization(make_checkpoint, monkeypatch):
-    """hc_pre through kernels.mhc.mhc_pre's interface (on the CPU a stand-in composed from the
-    reference's pieces; tests/gpu checks the kernels against the same pieces) gives the logits of the
+    """hc_pre through kernels.mhc.mhc_pre's interface (on the CPU its twin, mhc_pre_reference, which
+    tests/gpu checks the kernels against) gives the logits of the
     reference's hc_pre bit for bit, in prefill and decode, and the FP8 linears that read a sublayer's
     input (wq_a||wkv, the shared w1||w3) take the quantization it hands over instead of their own."""
     import backend.gpu_model as gm
-    from backend.model import mix_streams, project_streams, sinkhorn_split
-    from kernels.formats import quantize_activation_fp8
-
-    def mhc_pre_stand_in(h, fn, scale, base, norm, iters, eps, rms_eps, quantize):
-        streams = h.unsqueeze(1)  # [T, 1, hc, D]
-        pre, post, comb = sinkhorn_split(project_streams(streams, fn, rms_eps), scale, base, h.shape[1], iters, eps)
-        x = mix_streams(streams, pre, norm, rms_eps)[:, 0]
-        return x, post[:, 0], comb[:, 0], quantize_activation_fp8(x) if quantize else None
-    monkeypatch.setattr(gm, "mhc_pre", mhc_pre_stand_in)
+    from backend.model import mhc_pre_reference
+    monkeypatch.setattr(gm, "mhc_pre", mhc_pre_reference)
     ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
     plain = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
     fused = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
     assert not fused.fused_mhc  # the CPU default
     fused.fused_mhc = True
-    taken = []
-
-    def counting(x, lookup=fused._fp8_input):
-        pair = lookup(x)
-        taken.append(pair is not None)
-        return pair
-    fused._fp8_input = counting
+    taken = record_fp8_handovers(fused)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(2, 500, (1, n), generator=g) for n in (6, 11)]
     tokens, pos = torch.randint(2, 500, (2, 1), generator=g), torch.tensor([6, 11])

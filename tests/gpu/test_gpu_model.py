@@ -132,10 +132,10 @@ def test_side_streams_change_no_bit(flavor, compile_attention, make_checkpoint):
 
 @pytest.mark.parametrize("dim,tokens", [(4096, 1), (4096, 8), (7168, 33), (128, 5)])
 def test_mhc_pre_matches_its_twin(dim, tokens):
-    """The two mHC kernels against the reference's pieces (project_streams, sinkhorn_split,
-    mix_streams) at V4-Flash / V4-Pro / tiny widths, on streams of different scales; the FP8
+    """The two mHC kernels against their twin (mhc_pre_reference: the reference's project_streams,
+    sinkhorn_split, mix_streams) at V4-Flash / V4-Pro / tiny widths, on streams of different scales; the FP8
     quantization bit for bit the FP8 runner's quantizer on the kernel's own output."""
-    from backend.model import mix_streams, project_streams, sinkhorn_split
+    from backend.model import mhc_pre_reference
     from kernels.formats import quantize_activation_fp8
     from kernels.mhc import mhc_pre
     g = torch.Generator(device="cuda").manual_seed(dim + tokens)
@@ -144,9 +144,7 @@ def test_mhc_pre_matches_its_twin(dim, tokens):
     scale, base = torch.rand(3, device="cuda", generator=g) + 0.5, torch.randn(24, device="cuda", generator=g)
     norm = torch.rand(dim, device="cuda", generator=g) + 0.5
     x, post, comb, (q, q_scale) = mhc_pre(h, fn, scale, base, norm, 20, 1e-6, 1e-6, quantize=True)
-    streams = h.view(tokens, 1, 4, dim)
-    pre_ref, post_ref, comb_ref = sinkhorn_split(project_streams(streams, fn, 1e-6), scale, base, 4, 20, 1e-6)
-    x_ref = mix_streams(streams, pre_ref, norm, 1e-6)
+    x_ref, post_ref, comb_ref, _ = mhc_pre_reference(h, fn, scale, base, norm, 20, 1e-6, 1e-6, quantize=False)
     for ours, ref in ((x, x_ref), (post, post_ref), (comb, comb_ref)):
         ref = ref.reshape(ours.shape)
         assert (ours - ref).norm() <= 3e-5 * ref.norm(), ((ours - ref).norm() / ref.norm()).item()
