@@ -22,6 +22,7 @@ import weakref
 import torch
 
 from kernels import dispatch
+from kernels.attention import sparse_mqa_decode
 from kernels.cute_compile import cache_root
 from kernels.mhc import mhc_pre
 from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight, quantize_activation_fp8
@@ -80,6 +81,9 @@ COMPILED_FORMS = {"hc_mixes": "hc_mixes_in_chunks"}
 # runner quantizer's twin, bit for bit), fused with the piece, and those linears take that instead
 # of launching the quantizer each.
 QUANTIZING_PIECES = ("norm", "sublayer_input", "attend", "swiglu")
+# Decode attention on kernels.attention (where its kernel applies) in place of these pieces: they
+# then run in prefill only, eagerly.
+FUSED_ATTENTION_PIECES = ("window", "attend")
 
 
 def _quantizing(piece):
@@ -119,6 +123,10 @@ class DeepseekV4Gpu(DeepseekV4):
         # of 128); elsewhere, and on the CPU, the reference's pieces.
         self.fused_mhc = (dispatch.backend(self.device) != "twin" and args.hc_mult == 4
                           and args.hidden_size % FP8_BLOCK == 0)
+        # Decode attention on kernels.attention where its kernels apply (every V4 model: a head dim
+        # of 512, heads in fours); elsewhere, and on the CPU, the reference's window and attend.
+        self.fused_attention = (dispatch.backend(self.device) != "twin" and args.head_dim % FP8_BLOCK == 0
+                                and args.head_dim <= 512 and args.num_attention_heads % 4 == 0)
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
         # Decode steps run the work beside() marks on side streams, one per lane (the compressors
         # and the indexer; the window; the shared expert): at small batch each of their kernels
@@ -145,6 +153,8 @@ class DeepseekV4Gpu(DeepseekV4):
             symbolic_shapes_config.use_duck_shape = False
             _cache_inductor_next_to_the_kernels()
             for name in COMPILED_PIECES:
+                if self.fused_attention and name in FUSED_ATTENTION_PIECES:
+                    continue
                 form = getattr(self, COMPILED_FORMS.get(name, name))
                 quantizes = self.has_fp8 and name in QUANTIZING_PIECES
                 compiled = torch.compile(_quantizing(form) if quantizes else form, dynamic=True)
@@ -200,9 +210,15 @@ class DeepseekV4Gpu(DeepseekV4):
                 return compiled(*args)
             y, q, scale = compiled(*args)
             if q is not None:
-                self._fp8_inputs[y.data_ptr()] = (weakref.ref(y), q, scale)
+                self._hand_over(y, (q, scale))
             return y
         return call
+
+    def _hand_over(self, y: torch.Tensor, quantized: tuple) -> None:
+        """Record y's FP8 quantization for the FP8 linear that reads y (or a view of all of it), by a
+        weak reference to the tensor that owns y's memory (a view's base, which every view keeps
+        alive): once none is left, that memory may be another tensor's, and the entry is dead."""
+        self._fp8_inputs[y.data_ptr()] = (weakref.ref(y if y._base is None else y._base), *quantized)
 
     def _fp8_input(self, x: torch.Tensor):
         """x's FP8 quantization if a piece made it (x is that piece's output, or a view of all of
@@ -251,8 +267,29 @@ class DeepseekV4Gpu(DeepseekV4):
                                            a.rms_norm_eps, quantize=self.has_fp8)
         y = y.view(b, s, d)
         if quantized is not None:
-            self._fp8_inputs[y.data_ptr()] = (weakref.ref(y), *quantized)
+            self._hand_over(y, quantized)
         return y, post.view(b, s, hc), comb.view(b, s, hc, hc)
+
+    def window(self, rings: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor):
+        """Decode on the fused attention: no copy of the window and no mask; `attend` reads the rings in
+        place once ring_write has put this step's token in (None marks that)."""
+        if self._decoding and self.fused_attention:
+            return rings, None
+        return super().window(rings, slots, kv, pos)
+
+    def attend(self, q, window, window_mask, entries, slots, comp_mask, sink, pos, freqs) -> torch.Tensor:
+        """Decode: two kernels (kernels.attention.sparse_mqa_decode) over the rings (`window`, this
+        step's token written) and the entries in place; the output comes with its FP8 quantization
+        when wo_a is FP8. Prefill: the reference's."""
+        if window_mask is not None:
+            return super().attend(q, window, window_mask, entries, slots, comp_mask, sink, pos, freqs)
+        b, _, h, d = q.shape
+        o, quantized = sparse_mqa_decode(q.reshape(b, h, d), window, entries,
+                                         None if comp_mask is None else comp_mask.reshape(b, -1), slots,
+                                         pos.reshape(b), sink, freqs, self.args.head_dim ** -0.5, quantize=self.has_fp8)
+        if quantized is not None:
+            self._hand_over(o, quantized)
+        return o.view(b, 1, h, d)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         shape, w = x.shape, self.w[name]

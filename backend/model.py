@@ -163,6 +163,27 @@ def sparse_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, si
     return torch.einsum("bshn,bnd->bshd", probs, wide(keys)).to(q.dtype)
 
 
+def sparse_mqa_decode_reference(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor | None,
+                                comp_mask: torch.Tensor | None, slots: torch.Tensor, pos: torch.Tensor,
+                                sink: torch.Tensor, inv_freq: torch.Tensor, scale: float, quantize: bool):
+    """Attention of one decode token per sequence in kernels.attention.sparse_mqa_decode's interface
+    (its twin): q [B, H, D]; the slots' rings with this token written (ring slot j holds the position
+    p = j mod win, pos - win < p <= pos: slot j exists once pos >= j) and, if given, their entries
+    picked by comp_mask [B, C] -> o [B, H, D] after the inverse RoPE, and its FP8 quantization
+    (rows [B, H*D]) or None. The keys go in the order DeepseekV4.window gives them (the ring's other
+    slots, then this token), so on the same data this is the reference's attend bit for bit."""
+    rows, win, pos = ring[slots], ring.shape[1], pos.view(-1, 1)
+    newest = pos % win                                                      # this token's ring slot
+    slot_ids = torch.arange(win, device=q.device)
+    keys = torch.cat([rows, rows.gather(1, newest.unsqueeze(-1).expand(-1, 1, rows.shape[-1]))], dim=1)
+    mask = torch.cat([(slot_ids <= pos) & (slot_ids != newest), torch.ones_like(pos, dtype=torch.bool)], dim=-1)
+    if entries is not None:
+        keys, mask = torch.cat([keys, entries[slots]], dim=1), torch.cat([mask, comp_mask], dim=-1)
+    o = sparse_attention(q.unsqueeze(1), keys, mask.unsqueeze(1), sink, scale)
+    o = apply_rope(o, pos, inv_freq, 2 * inv_freq.numel(), inverse=True)[:, 0]
+    return o, quantize_activation_fp8(o.reshape(o.shape[0], -1)) if quantize else None
+
+
 # ---------------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------------

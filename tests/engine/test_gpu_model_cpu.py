@@ -6,6 +6,7 @@ import torch
 from backend.checkpoint import load_checkpoint
 from backend.gpu_model import DeepseekV4Gpu, split_experts, stack_rows
 from backend.model import CompressorState, DeepseekV4, write_entries_decode, write_entries_emitting
+from kernels.formats import quantize_activation_fp8
 from kernels.moe import unstack
 from tests.parity import relative, selection_report, split_at_first_flip, teacher_forced
 
@@ -324,3 +325,66 @@ def test_fused_mhc_gives_the_reference_logits_and_hands_over_its_quantization(ma
         logits[model] = torch.cat([p.flatten() for p in prefill_logits] + [s.flatten() for s in steps])
     assert torch.equal(logits[fused], logits[plain])
     assert taken.count(True) == 3 * 2 * ck.args.num_hidden_layers
+
+
+def test_decode_attention_twin_is_the_references_window_and_attend():
+    """sparse_mqa_decode_reference (the attention kernels' twin, over the rings after this step's
+    write) against the reference's own pieces (DeepseekV4.window over the rings before it, then
+    attend), bit for bit: positions before, at and past the ring's first wrap, entries picked at
+    random, stale data in the slots no position reached yet."""
+    from backend.model import rope_inv_freq, sparse_mqa_decode_reference
+    from backend.synthetic import tiny_args
+    args = tiny_args()  # window 8, 4 heads of 128
+    ref = DeepseekV4.__new__(DeepseekV4)  # window and attend read only args
+    ref.args = args
+    g = torch.Generator().manual_seed(11)
+    b, win, d, h, c = 6, 8, 128, 4, 5
+    rings = torch.randn(b + 2, win, d, generator=g)  # the slots' rings before this step, stale past pos
+    entries = torch.randn(b + 2, c, d, generator=g)
+    slots, pos = torch.tensor([3, 0, 7, 1, 5, 2]), torch.tensor([[0], [3], [7], [8], [13], [30]])
+    kv, q = torch.randn(b, 1, d, generator=g), torch.randn(b, 1, h, d, generator=g)
+    comp_mask = torch.rand(b, 1, c, generator=g) < 0.6
+    sink, inv_freq = torch.randn(h, generator=g), rope_inv_freq(args, True)
+    window, window_mask = ref.window(rings, slots, kv, pos)
+    expected = ref.attend(q, window, window_mask, entries, slots, comp_mask, sink, pos, inv_freq)
+    DeepseekV4.ring_write(rings, slots, pos, kv)
+    o, (q8, scale) = sparse_mqa_decode_reference(q[:, 0], rings, entries, comp_mask[:, 0], slots, pos[:, 0], sink,
+                                                 inv_freq, d ** -0.5, quantize=True)
+    assert torch.equal(o, expected[:, 0])
+    q8_ref, scale_ref = quantize_activation_fp8(expected.reshape(b, h * d))  # rows [B, H*D], as wo_a reads them
+    assert torch.equal(q8.view(torch.uint8), q8_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
+    # Without entries: the sliding window alone (SWA layers).
+    expected = ref.attend(q, window, window_mask, None, slots, None, sink, pos, inv_freq)
+    o, none = sparse_mqa_decode_reference(q[:, 0], rings, None, None, slots, pos[:, 0], sink, inv_freq, d ** -0.5,
+                                          quantize=False)
+    assert none is None and torch.equal(o, expected[:, 0])
+
+
+def test_fused_attention_gives_the_reference_logits_and_hands_over_its_quantization(make_checkpoint, monkeypatch):
+    """Decode attention through kernels.attention.sparse_mqa_decode's interface (on the CPU its twin,
+    which tests/gpu checks the kernels against): the rings read in place after ring_write, no window
+    copy. Prefill and 12 decode steps, past the ring's wrap and several compressed entries, give the
+    reference path's logits bit for bit, and wo_a takes the quantization attend hands over."""
+    import backend.gpu_model as gm
+    from backend.model import sparse_mqa_decode_reference
+    monkeypatch.setattr(gm, "sparse_mqa_decode", sparse_mqa_decode_reference)
+    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
+    plain = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
+    fused = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
+    assert not fused.fused_attention  # the CPU default
+    fused.fused_attention = True
+    taken = record_fp8_handovers(fused)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(2, 500, (1, n), generator=g) for n in (3, 11)]
+    pos = torch.tensor([3, 11])
+    logits = {}
+    for model in (plain, fused):
+        state = model.new_state(2, 64, with_mtp=False)
+        out = [model.forward(prompt, 0, [i], state)[0].flatten() for i, prompt in enumerate(prompts)]
+        taken.clear()
+        for step in range(12):
+            tokens = torch.randint(2, 500, (2, 1), generator=torch.Generator().manual_seed(step))
+            out.append(model.forward(tokens, pos + step, torch.arange(2), state)[0].flatten())
+        logits[model] = torch.cat(out)
+    assert torch.equal(logits[fused], logits[plain])
+    assert taken.count(True) == 12 * ck.args.num_hidden_layers  # wo_a, once per layer and step

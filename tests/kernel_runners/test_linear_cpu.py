@@ -72,7 +72,7 @@ def test_planner_choices_are_valid():
 def test_every_fp8_variant_compiles_for_sm90a():
     """Every (token tile, stages, splits, consumers) the planner picks for a V4 projection at up to 256
     tokens, with E8M0 and fp32 weight scales and bf16 / fp32 outputs, the activation quantizer for
-    bf16 and fp32 inputs, and the mHC kernel."""
+    bf16 and fp32 inputs, the mHC kernels and the decode attention kernels."""
     code = ("from kernels.linear import _compiled_fp8_gemm, _compiled_quant, fp8_plan\n"
             "from tests.gpu.test_linear_fp8 import SHAPES\n"
             "plans = {fp8_plan(t, r // g, k, g) for r, k, g in SHAPES.values() for t in range(1, 257)}\n"
@@ -82,6 +82,11 @@ def test_every_fp8_variant_compiles_for_sm90a():
             "for dim in (4096, 7168):\n"
             "    for quantize in (True, False):\n"
             "        _compiled_finish(dim, 20, 1e-6, 1e-6, quantize, 'sm_90a')\n"
+            "from kernels.attention import _compiled_combine, _compiled_partials as mqa_partials\n"
+            "for heads, dim, entries in ((16, 512, True), (16, 512, False), (4, 128, True)):\n"
+            "    mqa_partials(heads, dim, dim ** -0.5, entries, 'sm_90a')\n"
+            "for dim, quantize in ((512, True), (512, False), (128, True)):\n"
+            "    _compiled_combine(dim, 64, quantize, 'sm_90a')\n"
             "for dtype in (torch.bfloat16, torch.float32):\n"
             "    _compiled_quant('sm_90a', dtype)\n"
             "for plan in sorted(plans):\n"
