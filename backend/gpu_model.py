@@ -234,6 +234,7 @@ class DeepseekV4Gpu(DeepseekV4):
         try:
             return super().forward(input_ids, start_pos, slots, state, all_logits)
         finally:
+            self._decoding = False  # a later call outside forward (mtp_forward) takes the reference's paths
             self._fp8_inputs.clear()
             self.join()  # after an error half-way: no side stream's work is left unjoined
 

@@ -7,19 +7,23 @@ Keys are read in place: the ring (this step's token already written) masked by p
 compressed entries masked by `comp_mask` (the indexer's pick or the emitted entries). Why kernels:
 the torch form copies the window and every entry slot into one key tensor, masks the scores over
 all of it and runs a dozen kernels (H200 profile, bench/NOTES.md: ~31 us per layer at batch 1).
+These two take 13-31 us per call at batch 1, 15-86 at batch 8 (V4-Flash, `bench.attention_decode`).
 
 1. `mqa_partials`: grid (head groups, splits, batch). A CTA takes 4-16 heads and a run of 32-key
-   chunks, each chunk all ring or all entries. Per chunk: a lane of warp 0 checks one key (an
-   empty chunk is skipped, without loading a key), the valid keys go to shared memory, lane k of
-   each warp scores key k against the warp's heads (fp32 dot products over the head dim), the warp
-   updates its heads' running max and sum (online softmax), and each thread accumulates a float4 of
-   the head dim over the chunk's keys for every head. Out: unnormalized partial outputs with their
-   max and sum, per split.
+   chunks, each chunk all ring or all entries. Per chunk: warp 0 votes which keys exist (an empty
+   chunk is skipped without loading a key), the valid keys go to shared memory by cp.async (the
+   queries too, once), lane k of each warp scores key k against the warp's heads (fp32, four
+   partial sums per head for independent FMA chains), the warp updates its heads' running max and
+   sum (online softmax), and each thread accumulates a float4 of the head dim over the chunk's keys
+   for every head. Out: unnormalized partial outputs with their max and sum, per split.
 2. `mqa_combine`: grid (heads, batch), a float4 of the head dim per thread: the splits' partials
    and the head's sink (exp(sink) joins the denominator) in a fixed order, so a graph replay and an
    eager call agree bit for bit; the inverse RoPE of the trailing rope dims (interleaved pairs);
    the FP8 quantization per 128 (power-of-two scales, as the FP8 runner's quantizer).
-Plain SIMT fp32: any sm_90a / sm_100a.
+Plain SIMT fp32 (the reference's precision): any sm_90a / sm_100a. At large batch its fp32 FMAs
+bound it; and a chunk with any picked entry is scored whole, so scattered picks cost their chunks
+(V4-Flash, 128 sequences, 512 of 1024 entries picked at random: every chunk, 0.87 ms). A list of
+the picked entries' indices instead of the mask would cut that to the picks.
 """
 from __future__ import annotations
 

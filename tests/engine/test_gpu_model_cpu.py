@@ -299,6 +299,32 @@ def test_compiled_pieces_hand_their_fp8_quantization_to_the_linears(make_checkpo
     assert torch.equal(logits[fused], logits[plain])
 
 
+def fused_against_plain(make_checkpoint, switch: str, prompt_lengths: tuple, steps: int):
+    """Prefills of `prompt_lengths` tokens, then `steps` batched decode steps, on a runner model as it
+    runs on the CPU and on one with the fused path `switch` turned on (through the twin the test put
+    in its kernels' place) -> (args, plain logits, fused logits: every call's, concatenated; per FP8
+    linear call of the fused model's decode steps, whether it took a handed-over quantization; the
+    fused model)."""
+    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
+    plain = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
+    fused = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
+    assert not getattr(fused, switch)  # the CPU default
+    setattr(fused, switch, True)
+    taken = record_fp8_handovers(fused)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 500, (1, n), generator=g) for n in prompt_lengths]
+    tokens = [torch.randint(2, 500, (len(prompts), 1), generator=g) for _ in range(steps)]
+    pos, slots = torch.tensor(prompt_lengths), torch.arange(len(prompts))
+    logits = []
+    for model in (plain, fused):
+        state = model.new_state(len(prompts), 64, with_mtp=False)
+        out = [model.forward(prompt, 0, [i], state)[0].flatten() for i, prompt in enumerate(prompts)]
+        taken.clear()
+        out += [model.forward(t, pos + step, slots, state)[0].flatten() for step, t in enumerate(tokens)]
+        logits.append(torch.cat(out))
+    return ck.args, logits[0], logits[1], taken, fused
+
+
 def test_fused_mhc_gives_the_reference_logits_and_hands_over_its_quantization(make_checkpoint, monkeypatch):
     """hc_pre through kernels.mhc.mhc_pre's interface (on the CPU its twin, mhc_pre_reference, which
     tests/gpu checks the kernels against) gives the logits of the
@@ -307,24 +333,9 @@ def test_fused_mhc_gives_the_reference_logits_and_hands_over_its_quantization(ma
     import backend.gpu_model as gm
     from backend.model import mhc_pre_reference
     monkeypatch.setattr(gm, "mhc_pre", mhc_pre_reference)
-    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
-    plain = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
-    fused = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
-    assert not fused.fused_mhc  # the CPU default
-    fused.fused_mhc = True
-    taken = record_fp8_handovers(fused)
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(2, 500, (1, n), generator=g) for n in (6, 11)]
-    tokens, pos = torch.randint(2, 500, (2, 1), generator=g), torch.tensor([6, 11])
-    logits = {}
-    for model in (plain, fused):
-        state = model.new_state(2, 64, with_mtp=False)
-        prefill_logits = [model.forward(prompt, 0, [i], state)[0] for i, prompt in enumerate(prompts)]
-        taken.clear()
-        steps = [model.forward(tokens, pos + step, torch.arange(2), state)[0] for step in range(3)]
-        logits[model] = torch.cat([p.flatten() for p in prefill_logits] + [s.flatten() for s in steps])
-    assert torch.equal(logits[fused], logits[plain])
-    assert taken.count(True) == 3 * 2 * ck.args.num_hidden_layers
+    args, plain, fused, taken, _ = fused_against_plain(make_checkpoint, "fused_mhc", (6, 11), steps=3)
+    assert torch.equal(fused, plain)
+    assert taken.count(True) == 3 * 2 * args.num_hidden_layers
 
 
 def test_decode_attention_twin_is_the_references_window_and_attend():
@@ -368,23 +379,7 @@ def test_fused_attention_gives_the_reference_logits_and_hands_over_its_quantizat
     import backend.gpu_model as gm
     from backend.model import sparse_mqa_decode_reference
     monkeypatch.setattr(gm, "sparse_mqa_decode", sparse_mqa_decode_reference)
-    ck = load_checkpoint(make_checkpoint("nvidia-nvfp4"))
-    plain = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
-    fused = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cpu")
-    assert not fused.fused_attention  # the CPU default
-    fused.fused_attention = True
-    taken = record_fp8_handovers(fused)
-    g = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(2, 500, (1, n), generator=g) for n in (3, 11)]
-    pos = torch.tensor([3, 11])
-    logits = {}
-    for model in (plain, fused):
-        state = model.new_state(2, 64, with_mtp=False)
-        out = [model.forward(prompt, 0, [i], state)[0].flatten() for i, prompt in enumerate(prompts)]
-        taken.clear()
-        for step in range(12):
-            tokens = torch.randint(2, 500, (2, 1), generator=torch.Generator().manual_seed(step))
-            out.append(model.forward(tokens, pos + step, torch.arange(2), state)[0].flatten())
-        logits[model] = torch.cat(out)
-    assert torch.equal(logits[fused], logits[plain])
-    assert taken.count(True) == 12 * ck.args.num_hidden_layers  # wo_a, once per layer and step
+    args, plain, fused, taken, model = fused_against_plain(make_checkpoint, "fused_attention", (3, 11), steps=12)
+    assert torch.equal(fused, plain)
+    assert taken.count(True) == 12 * args.num_hidden_layers  # wo_a, once per layer and step
+    assert not model._decoding  # after the step: mtp_forward, say, takes the reference's window and attend
