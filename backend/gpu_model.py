@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from kernels import dispatch
+from kernels import attention, dispatch, mhc
 from kernels.attention import sparse_mqa_decode
 from kernels.cute_compile import cache_root
 from kernels.mhc import mhc_pre
@@ -119,14 +119,11 @@ class DeepseekV4Gpu(DeepseekV4):
         self._decoding = False
         self.stacked = self._stack_same_input_weights()
         self.has_fp8 = any(isinstance(w, Fp8BlockWeight) for w in self.w.values())
-        # hc_pre on kernels.mhc where its kernels apply (every V4 model: hc_mult 4, hidden a multiple
-        # of 128); elsewhere, and on the CPU, the reference's pieces.
-        self.fused_mhc = (dispatch.backend(self.device) != "twin" and args.hc_mult == 4
-                          and args.hidden_size % FP8_BLOCK == 0)
-        # Decode attention on kernels.attention where its kernels apply (every V4 model: a head dim
-        # of 512, heads in fours); elsewhere, and on the CPU, the reference's window and attend.
-        self.fused_attention = (dispatch.backend(self.device) != "twin" and args.head_dim % FP8_BLOCK == 0
-                                and args.head_dim <= 512 and args.num_attention_heads % 4 == 0)
+        # hc_pre and decode attention on kernels.mhc and kernels.attention where their kernels apply
+        # (every V4 model); elsewhere, and on the CPU, the reference's pieces.
+        on_kernels = dispatch.backend(self.device) != "twin"
+        self.fused_mhc = on_kernels and mhc.applies(args.hc_mult, args.hidden_size)
+        self.fused_attention = on_kernels and attention.applies(args.num_attention_heads, args.head_dim)
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
         # Decode steps run the work beside() marks on side streams, one per lane (the compressors
         # and the indexer; the window; the shared expert): at small batch each of their kernels

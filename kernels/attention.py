@@ -55,6 +55,14 @@ def heads_per_cta(heads: int) -> int:
     raise ValueError(f"sparse_mqa_decode: the number of heads ({heads}) must be a multiple of 4")
 
 
+def applies(heads: int, dim: int) -> bool:
+    """Whether the kernels take `heads` query heads of head dim `dim` (every V4 model's do): heads
+    in fours (a warp's share of a CTA's), a head dim of whole 128-blocks (a warp's share of a
+    head) up to 512 (a float4 per thread)."""
+    from .attention_sm90 import MAX_DIM
+    return heads % 4 == 0 and dim % FP8_BLOCK == 0 and dim <= MAX_DIM
+
+
 def sparse_mqa_decode(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor | None,
                       comp_mask: torch.Tensor | None, slots: torch.Tensor, pos: torch.Tensor, sink: torch.Tensor,
                       inv_freq: torch.Tensor, scale: float, quantize: bool):
@@ -66,9 +74,10 @@ def sparse_mqa_decode(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor
     bit for bit the FP8 runner quantizer's), else None."""
     from .attention_sm90 import KEYS, MAX_DIM
     b, h, dim = q.shape
-    if dim % FP8_BLOCK or dim > MAX_DIM or ring.shape[-1] != dim or (entries is None) != (comp_mask is None):
-        raise ValueError(f"sparse_mqa_decode: needs a head dim that is a multiple of {FP8_BLOCK} up to {MAX_DIM} "
-                         f"shared by q {tuple(q.shape)} and ring {tuple(ring.shape)}, and entries with comp_mask")
+    if not applies(h, dim) or ring.shape[-1] != dim or (entries is None) != (comp_mask is None):
+        raise ValueError(f"sparse_mqa_decode: needs heads in fours and a head dim that is a multiple of {FP8_BLOCK} "
+                         f"up to {MAX_DIM}, shared by q {tuple(q.shape)} and ring {tuple(ring.shape)}, and entries "
+                         "with comp_mask")
     if entries is not None and (entries.shape[-1] != dim or tuple(comp_mask.shape) != (b, entries.shape[1])):
         raise ValueError(f"sparse_mqa_decode: entries {tuple(entries.shape)} and comp_mask "
                          f"{tuple(comp_mask.shape)} do not fit q {tuple(q.shape)}")
@@ -77,6 +86,7 @@ def sparse_mqa_decode(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor
     chunks = -(-ring.shape[1] // KEYS) + (0 if entries is None else -(-entries.shape[1] // KEYS))
     splits, per_split = split_plan(b, h // heads, chunks, 2 * _multiprocessors(dev))
     vecs = dim // 4
+    pos = pos.long().contiguous()  # both kernels read it
     has_entries = entries is not None
     if not has_entries:  # unread stand-ins
         entries, comp_mask = ring, torch.zeros(b, 1, dtype=torch.bool, device=dev)
@@ -85,12 +95,12 @@ def sparse_mqa_decode(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor
     _compiled_partials(heads, dim, float(scale), has_entries, arch)(
         q.float().contiguous().view(b, h, vecs, 4), ring.view(*ring.shape[:2], vecs, 4),
         entries.view(*entries.shape[:2], vecs, 4), comp_mask.contiguous().view(torch.uint8),
-        slots.long().contiguous(), pos.long().contiguous(), part_o, part_ml, per_split)
+        slots.long().contiguous(), pos, part_o, part_ml, per_split)
     out = torch.empty(b, h, dim, dtype=torch.float32, device=dev)
     q_shape, scale_shape = ((b, h * dim), (b, h * dim // FP8_BLOCK)) if quantize else ((1, 4), (1, 1))  # else unwritten
     q8 = torch.empty(q_shape, dtype=torch.float8_e4m3fn, device=dev)
     q_scale = torch.empty(scale_shape, dtype=torch.float32, device=dev)
     _compiled_combine(dim, inv_freq.numel() * 2, quantize, arch)(
-        part_o, part_ml, sink.float().contiguous(), pos.long().contiguous(), inv_freq.float().contiguous(),
+        part_o, part_ml, sink.float().contiguous(), pos, inv_freq.float().contiguous(),
         out.view(b, h, vecs, 4), q8.view(torch.int32), q_scale)
     return out, (q8, q_scale) if quantize else None

@@ -31,7 +31,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from .linear.fp8_block_sm90 import _pack_e4m3x4
+from .linear.fp8_block_sm90 import quantize_warp_block
 
 KEYS = 32                      # keys per chunk: one per lane when scoring
 WARPS = 4                      # a CTA's warps split its heads when scoring
@@ -240,17 +240,10 @@ def _combine_kernel(part_o: cute.Tensor, part_ml: cute.Tensor, sink: cute.Tensor
                 o[2 * pair + 1] = odd * c - even * sn
         out[b, h, tid, None].store(o.load())
         if cutlass.const_expr(quantize):
-            amax = Float32(1e-4)  # DeepSeek's floor on a block's amax
-            for e in cutlass.range_constexpr(4):
-                amax = cutlass.max(amax, cute.arch.fmax(o[e], -o[e]))
-            amax = cute.arch.warp_reduction_max(amax)
-            # 2^ceil(log2(amax / 448)) exactly: round the fp32 bits up to the next power of two.
-            ratio_bits = (amax / Float32(448.0)).bitcast(Int32)
-            up = (ratio_bits + 0x7FFFFF) & 0x7F800000
-            inv = Int32(0x7F000000 - up).bitcast(Float32)  # 1/scale, exact
-            q_words[b, h * vecs + tid] = _pack_e4m3x4(o[0] * inv, o[1] * inv, o[2] * inv, o[3] * inv)
+            word, block_scale = quantize_warp_block(o)
+            q_words[b, h * vecs + tid] = word
             if lane == 0:
-                q_scale[b, h * (dim // 128) + warp] = Int32(up).bitcast(Float32)
+                q_scale[b, h * (dim // 128) + warp] = block_scale
 
 
 @cute.jit

@@ -32,6 +32,12 @@ def _compiled_finish(dim: int, iters: int, eps: float, rms_eps: float, quantize:
     return compile_tvm_ffi(mhc_pre_finish, args, (dim, iters, eps, rms_eps, quantize))
 
 
+def applies(hc: int, dim: int) -> bool:
+    """Whether the kernels take hc streams of width dim (every V4 model's: 4 streams, whole 128-wide chunks)."""
+    from .mhc_sm90 import CHUNK, HC
+    return hc == HC and dim % CHUNK == 0
+
+
 def mhc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
             iters: int, eps: float, rms_eps: float, quantize: bool):
     """h fp32 [T, hc, D] (the residual streams), fn [(2+hc)*hc, hc*D], scale [3], base [(2+hc)*hc], norm [D]
@@ -39,7 +45,7 @@ def mhc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     activation quantization (E4M3 [T, D], fp32 scales [T, D/128], bit for bit the FP8 runner's) or None."""
     from .mhc_sm90 import CHUNK, HC, MIXES
     t, hc, dim = h.shape
-    if hc != HC or dim % CHUNK or tuple(fn.shape) != (MIXES, hc * dim) or norm.numel() != dim:
+    if not applies(hc, dim) or tuple(fn.shape) != (MIXES, hc * dim) or norm.numel() != dim:
         raise ValueError(f"mhc_pre: needs streams [T, {HC}, D] with D % {CHUNK} == 0, fn [{MIXES}, {HC}*D] and a "
                          f"norm of D; got h {tuple(h.shape)}, fn {tuple(fn.shape)}, norm {tuple(norm.shape)}")
     arch, dev = target_arch(h.device), h.device

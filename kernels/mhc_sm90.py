@@ -27,7 +27,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from .linear.fp8_block_sm90 import _pack_e4m3x4
+from .linear.fp8_block_sm90 import quantize_warp_block
 
 HC = 4           # hc_mult of every V4 model; one lane per matrix element
 MIXES = (2 + HC) * HC
@@ -192,20 +192,14 @@ def _finish_kernel(partials: cute.Tensor, h: cute.Tensor, scale: cute.Tensor, ba
             w = cute.make_rmem_tensor((4,), Float32)
             w.store(norm[vec, None].load())
             v = cute.make_rmem_tensor((4,), Float32)
-            amax = Float32(1e-4)  # DeepSeek's floor on a block's amax
             for e in cutlass.range_constexpr(4):
                 v[e] = (y[j, e] * inv_rms) * w[e]
-                amax = cutlass.max(amax, cute.arch.fmax(v[e], -v[e]))
             x_out[t, vec, None].store(v.load())
             if cutlass.const_expr(quantize):
-                amax = cute.arch.warp_reduction_max(amax)
-                # 2^ceil(log2(amax / 448)) exactly: round the fp32 bits up to the next power of two.
-                ratio_bits = (amax / Float32(448.0)).bitcast(Int32)
-                up = (ratio_bits + 0x7FFFFF) & 0x7F800000
-                inv = Int32(0x7F000000 - up).bitcast(Float32)  # 1/scale, exact
-                q_words[t, vec] = _pack_e4m3x4(v[0] * inv, v[1] * inv, v[2] * inv, v[3] * inv)
+                word, block_scale = quantize_warp_block(v)
+                q_words[t, vec] = word
                 if lane == 0:
-                    q_scale[t, b] = Int32(up).bitcast(Float32)
+                    q_scale[t, b] = block_scale
 
 
 @cute.jit

@@ -244,6 +244,23 @@ def _pack_e4m3x4(a0: Float32, a1: Float32, a2: Float32, a3: Float32, *, loc=None
         "mov.b32 $0, {lo, hi}; }", "=r,f,f,f,f", loc=loc, ip=ip))
 
 
+@cute.jit
+def quantize_warp_block(v: cute.Tensor):
+    """The FP8 activation quantization of one 128-wide block that a warp holds, 4 values per lane
+    (v, fp32): amax floored at 1e-4 (DeepSeek's act_quant), the scale 2^ceil(log2(amax / 448)).
+    -> (the lane's 4 E4M3 bytes as one word, the block's scale). Every kernel that hands an FP8
+    linear its input quantizes through this, so all give the runner quantizer's bits."""
+    amax = Float32(1e-4)
+    for e in cutlass.range_constexpr(4):
+        amax = cutlass.max(amax, cute.arch.fmax(v[e], -v[e]))
+    amax = cute.arch.warp_reduction_max(amax)
+    # 2^ceil(log2(amax / 448)) exactly: round the fp32 bits up to the next power of two.
+    ratio_bits = (amax / Float32(448.0)).bitcast(Int32)
+    up = (ratio_bits + 0x7FFFFF) & 0x7F800000
+    inv = Int32(0x7F000000 - up).bitcast(Float32)  # 1/scale, exact
+    return _pack_e4m3x4(v[0] * inv, v[1] * inv, v[2] * inv, v[3] * inv), Int32(up).bitcast(Float32)
+
+
 @cute.kernel
 def _quant_kernel(x: cute.Tensor, q_words: cute.Tensor, scale: cute.Tensor):
     lane = cute.arch.lane_idx()
@@ -253,16 +270,10 @@ def _quant_kernel(x: cute.Tensor, q_words: cute.Tensor, scale: cute.Tensor):
     if block < scale.shape[1]:
         base = block * 128 + lane * 4
         v = cute.make_rmem_tensor((4,), Float32)
-        amax = Float32(1e-4)  # DeepSeek's floor on a block's amax
         for j in cutlass.range_constexpr(4):
             v[j] = x[t, base + j].to(Float32)
-            amax = cutlass.max(amax, cute.arch.fmax(v[j], -v[j]))
-        amax = cute.arch.warp_reduction_max(amax)
-        # 2^ceil(log2(amax / 448)) exactly: round the fp32 bits up to the next power of two.
-        ratio_bits = (amax / Float32(448.0)).bitcast(Int32)
-        s = Int32((ratio_bits + 0x7FFFFF) & 0x7F800000).bitcast(Float32)
-        inv = Int32(0x7F000000 - ((ratio_bits + 0x7FFFFF) & 0x7F800000)).bitcast(Float32)  # 1/s, exact
-        q_words[t, block * 32 + lane] = _pack_e4m3x4(v[0] * inv, v[1] * inv, v[2] * inv, v[3] * inv)
+        word, s = quantize_warp_block(v)
+        q_words[t, block * 32 + lane] = word
         if lane == 0:
             scale[t, block] = s
 

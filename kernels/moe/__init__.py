@@ -118,8 +118,9 @@ def _mma_knobs(n_tiles: int, k_unroll: int, warps_k: int, gated: bool) -> dict:
     knobs = dict(n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k)
     if split:
         knobs.update(split_halves=True)
-    if register_bound(gated, n_tiles, warps_k, split):
-        knobs.update(min_ctas=register_bound(gated, n_tiles, warps_k, split))
+    bound = register_bound(gated, n_tiles, warps_k, split)
+    if bound:
+        knobs.update(min_ctas=bound)
     return knobs
 
 
