@@ -20,6 +20,7 @@ import re
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from kernels import attention, dispatch, mhc
 from kernels.attention import sparse_mqa_decode
@@ -31,7 +32,7 @@ from kernels.moe import stack_experts
 from kernels.moe.experts import check_mxfp4_scales
 
 from .config import ModelArgs
-from .model import DeepseekV4, ModelState
+from .model import CompressorState, DeepseekV4, ModelState, compressor_projections, write_entries_decode
 
 _EXPERT = re.compile(r"^(.*ffn\.)experts\.(\d+)\.(w[123])$")
 # Linears that read the same input, run as one GEMM on their stacked rows (names under a layer's
@@ -69,12 +70,14 @@ def split_experts(weights: dict) -> tuple[dict, dict]:
 # The pure-torch pieces between the runners (backend.model: attention side, mHC mixing, norms,
 # routing): dozens of small kernels per layer eagerly, which bound the decode step at small
 # batch; torch.compile fuses each into a few.
-COMPILED_PIECES = ("norm", "final_norm", "query_heads", "kv_entry", "window", "ring_write", "attend",
-                   "compressor_step", "index_scores", "index_select", "hc_mixes", "sublayer_input", "hc_post",
-                   "routing", "swiglu")
-# Pieces compiled in another form of the same math that compiles to faster code (the fp32 sums in
-# another order); eager calls keep the reference's form.
-COMPILED_FORMS = {"hc_mixes": "hc_mixes_in_chunks"}
+COMPILED_PIECES = ("norm", "head_input", "query_heads", "kv_entry", "window", "ring_write", "attend",
+                   "compressor_step", "index_queries", "index_scores", "index_select", "hc_mixes",
+                   "sublayer_input", "hc_post", "routing", "swiglu", "combine_experts", "emitted_mask")
+# Pieces compiled in another form of the same math that compiles to fewer or faster kernels (the
+# fp32 sums possibly in another order); eager calls keep the reference's form.
+COMPILED_FORMS = {"hc_mixes": "hc_mixes_in_chunks", "hc_post": "hc_post_unrolled",
+                  "compressor_step": "compressor_step_in_place", "routing": "routing_by_argmax",
+                  "head_input": "head_input_in_chunks"}
 # Pieces whose output feeds FP8 linears (the q LoRA norm: wq_b and the indexer's wq_b; the mHC
 # sublayer input: wq_a||wkv and the shared w1||w3; attention: wo_a; the shared SwiGLU: w2). Their
 # compiled forms also quantize the output as the FP8 runner would (quantize_activation_fp8, the
@@ -125,11 +128,11 @@ class DeepseekV4Gpu(DeepseekV4):
         self.fused_mhc = on_kernels and mhc.applies(args.hc_mult, args.hidden_size)
         self.fused_attention = on_kernels and attention.applies(args.num_attention_heads, args.head_dim)
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
-        # Decode steps run the work beside() marks on side streams, one per lane (the compressors
-        # and the indexer; the window; the shared expert): at small batch each of their kernels
-        # fills a few SMs, so they fit beside the query heads and the routed experts (captured as
-        # parallel graph branches; H200: -3 to -5% per step at batch 1-128). Empty: one stream.
-        lanes = 2 if overlap and self.device.type == "cuda" else 0
+        # Decode steps run the work beside() marks on side streams, one per lane (the compressor;
+        # the window; the indexer's compressor and scoring; its queries; the shared expert): at
+        # small batch each of their kernels fills a few SMs, so they fit beside the query heads and
+        # the routed experts (captured as parallel graph branches). Empty: one stream.
+        lanes = 4 if overlap and self.device.type == "cuda" else 0
         self.side_streams = tuple(torch.cuda.Stream(self.device) for _ in range(lanes))
         for stream in self.side_streams:
             reserve_split_counters(stream)
@@ -198,6 +201,47 @@ class DeepseekV4Gpu(DeepseekV4):
         partial = torch.einsum("tcl,ncl->tnc", flat.reshape(b * s, chunks, -1), fn.view(fn.shape[0], chunks, -1))
         rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.args.rms_norm_eps)
         return partial.sum(-1).view(b, s, -1) * rms
+
+    def head_input_in_chunks(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+                             norm: torch.Tensor) -> torch.Tensor:
+        """head_input with the streams' projection as hc_mixes_in_chunks; compiled, the pre-mix and the
+        final norm fuse with it (eagerly, and with the norm apart, 8 kernels and 27 us at batch 1, H200)."""
+        return self.collapse_for_head(x, self.hc_mixes_in_chunks(x, fn), scale, base, norm)
+
+    @staticmethod
+    def hc_post_unrolled(y: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
+        """hc_post with the streams' mix written out as hc products per output, where the reference's
+        einsum is a batched GEMM: compiled, one pointwise kernel instead of a cuBLAS launch and a
+        pointwise one (as a sum over a k axis it became a reduction kernel: 6.7 us at batch 8, H200)."""
+        residual = residual.float()
+        mixed = comb[..., 0, :, None] * residual[..., 0, None, :]             # [B, S, j, D]
+        for k in range(1, residual.shape[-2]):
+            mixed = mixed + comb[..., k, :, None] * residual[..., k, None, :]
+        return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + mixed).to(y.dtype)
+
+    def compressor_step_in_place(self, x, pos, slots, kv_state_all, score_state_all, entries, wkv, wgate, ape, norm,
+                                 ratio: int, head_dim: int, rotate: bool) -> None:
+        """compressor_step for one token per sequence (decode): the token's window row is written in
+        place and the pooling reads the slots' windows where they are, where the reference's form
+        copies each slot's whole window out and back (for ratio 128, 512 KB per sequence). The
+        overlapping windows (ratio 4) still move their halves when a window closes."""
+        overlap, d, p = ratio == 4, head_dim, pos[:, 0]
+        kv_new, score_new = (t[:, 0] for t in compressor_projections(x, wkv, wgate))
+        row = (ratio if overlap else 0) + p % ratio
+        kv_state_all[slots, row] = kv_new
+        score_state_all[slots, row] = score_new + ape[p % ratio]
+        kv_state, score_state = kv_state_all[slots], score_state_all[slots]
+        if overlap:  # previous window's first half of channels + this window's second half
+            kv_win = torch.cat([kv_state[:, :ratio, :d], kv_state[:, ratio:, d:]], dim=1)
+            score_win = torch.cat([score_state[:, :ratio, :d], score_state[:, ratio:, d:]], dim=1)
+            done = ((p + 1) % ratio == 0).view(-1, 1, 1)  # a closed window becomes the next one's first half
+            kv_state_all[slots] = torch.where(done, kv_state.roll(-ratio, dims=1), kv_state)
+            score_state_all[slots] = torch.where(done, score_state.roll(-ratio, dims=1), score_state)
+        else:
+            kv_win, score_win = kv_state, score_state
+        pooled = (kv_win * score_win.softmax(dim=1)).sum(dim=1)
+        entry = self.finish_entries(pooled.unsqueeze(1), pos, norm, ratio, rotate)
+        write_entries_decode(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
 
     def _for_decode(self, eager, compiled, quantizes: bool):
         def call(*args):
@@ -307,9 +351,38 @@ class DeepseekV4Gpu(DeepseekV4):
         with self.beside():  # the shared expert overlaps routing and the routed experts
             shared = self.expert(flat, f"{prefix}ffn.shared_experts.", None, clamp=False)
         weights, experts = self.route(f"{prefix}ffn.", flat, input_ids.reshape(-1), hashed)
-        y = dispatch.moe(flat.contiguous(), weights, experts, self.stacks[f"{prefix}ffn."], self.args.swiglu_limit)
+        y = dispatch.moe(flat.contiguous(), weights, experts, self.stacks[f"{prefix}ffn."], self.args.swiglu_limit,
+                         sum_slots=False)
         self.join()
-        return (y + shared.float()).to(x.dtype).view(shape)
+        return self.combine_experts(y, shared).to(x.dtype).view(shape)
+
+    def routing_by_argmax(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, input_ids: torch.Tensor,
+                          hashed: bool):
+        """routing with the top-k experts taken as k successive argmaxes (each masking its pick), in
+        the order topk gives them (ties aside: exact ties of fp32 scores): compiled, one kernel with
+        the scores, where topk launches a selection and a sort (H200, batch 1: 12.6 us). Up to 8
+        tokens the gate's GEMV is a multiply-sum Inductor fuses with the rest (cuBLAS's fp32 GEMV
+        took 6.3 us for this 4 MB; bench/NOTES.md measured the forms for this gate, 2-2.5x faster
+        at 1-8 tokens, slower above)."""
+        if hashed:
+            return DeepseekV4.routing(self, x, gate, choice, input_ids, hashed)
+        a = self.args
+        x = x.float()
+        logits = (x.unsqueeze(1) * gate).sum(-1) if x.shape[0] <= 8 else F.linear(x, gate)
+        scores = F.softplus(logits).sqrt()                                         # [T, E] fp32
+        biased, ids, picks = scores + choice, torch.arange(scores.shape[-1], device=x.device), []
+        for _ in range(a.num_experts_per_tok):
+            picks.append(biased.argmax(-1, keepdim=True))
+            biased = biased.masked_fill(ids == picks[-1], float("-inf"))
+        experts = torch.cat(picks, dim=-1)
+        weights = scores.gather(1, experts)
+        return weights / weights.sum(-1, keepdim=True) * a.routed_scaling_factor, experts
+
+    @staticmethod
+    def combine_experts(routed: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """The routed experts' slots [T, k, D] summed in order k = 0..K-1 (the runners' sum), plus
+        the shared expert [T, D]: compiled, one kernel for both."""
+        return routed.sum(1) + shared.float()
 
     @staticmethod
     def check_positions(pos: torch.Tensor, state: ModelState) -> None:

@@ -147,6 +147,8 @@ def emitted_entries(num_entries: int, pos: torch.Tensor, ratio: int) -> torch.Te
 def stable_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest scores along the last dim; ties go to the lowest index.
     Entries scored -inf are never selected."""
+    if k >= scores.shape[-1]:  # every entry is among the k largest: no sort (a short context's step)
+        return scores > float("-inf")
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
     return mask & (scores > float("-inf"))
@@ -187,6 +189,14 @@ def sparse_mqa_decode_reference(q: torch.Tensor, ring: torch.Tensor, entries: to
 # ---------------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------------
+
+def compressor_projections(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor | None):
+    """A compressor's kv and score projections of x [B, S, D] in fp32 math (wgate None: wkv holds
+    wkv's rows, then wgate's: one GEMM)."""
+    if wgate is None:
+        return F.linear(wide(x), wkv).chunk(2, dim=-1)
+    return F.linear(wide(x), wkv), F.linear(wide(x), wgate)
+
 
 def write_entries_emitting(st: "CompressorState", slots, pos, entry, ratio: int) -> None:
     """Only the tokens that close a window write (tokens of one window share an index, so nothing
@@ -328,11 +338,17 @@ class DeepseekV4:
         mixed = torch.einsum("bskj,bskd->bsjd", comb, wide(residual))
         return (post.unsqueeze(-1) * wide(y).unsqueeze(-2) + mixed).to(y.dtype)
 
-    def hc_head(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
-        """Final stream collapse (sigmoid pre-mix, no Sinkhorn). [B, S, hc, D] -> [B, S, D]."""
-        mixes = self.hc_mixes(x, self.w[f"{prefix}hc_head_fn"])
-        pre = torch.sigmoid(mixes * self.w[f"{prefix}hc_head_scale"] + self.w[f"{prefix}hc_head_base"])
-        return ((pre + self.args.hc_eps).unsqueeze(-1) * wide(x)).sum(2).to(x.dtype)
+    def head_input(self, x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+                   norm: torch.Tensor) -> torch.Tensor:
+        """The head's input: the final streams [B, S, hc, D] collapsed by a sigmoid pre-mix of their
+        projection (no Sinkhorn), then the final RMSNorm -> [B, S, D]."""
+        return self.collapse_for_head(x, project_streams(x, fn, self.args.rms_norm_eps), scale, base, norm)
+
+    def collapse_for_head(self, x: torch.Tensor, mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+                          norm: torch.Tensor) -> torch.Tensor:
+        pre = torch.sigmoid(mixes * scale + base)
+        y = ((pre + self.args.hc_eps).unsqueeze(-1) * wide(x)).sum(2).to(x.dtype)
+        return rms_norm(y, norm, self.args.rms_norm_eps)
 
     # --- compressor ----------------------------------------------------------------------
     def compress(self, prefix: str, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
@@ -354,11 +370,7 @@ class DeepseekV4:
         ape, per channel) into entry p // ratio, normalized, rotated at the window's first position
         and QAT-rounded. wgate None: wkv holds wkv's rows then wgate's (one GEMM)."""
         overlap, d = ratio == 4, head_dim
-        if wgate is None:
-            kv_all, score_all = F.linear(wide(x), wkv).chunk(2, dim=-1)
-        else:
-            kv_all = F.linear(wide(x), wkv)                        # [B, S, coff*d] fp32
-            score_all = F.linear(wide(x), wgate)                   # ape: [ratio, coff*d]
+        kv_all, score_all = compressor_projections(x, wkv, wgate)  # [B, S, coff*d] fp32 each
         rows = torch.arange(x.shape[0], device=x.device)
         kv_state, score_state = kv_state_all[slots], score_state_all[slots]  # local copies, written back below
         pooled = []
@@ -379,14 +391,21 @@ class DeepseekV4:
                 score_state = torch.where(done, score_state.roll(-ratio, dims=1), score_state)
         kv_state_all[slots], score_state_all[slots] = kv_state, score_state
 
-        entry = rms_norm(torch.stack(pooled, dim=1).to(self.dtype), norm, self.args.rms_norm_eps)  # [B, S, d]
+        entry = self.finish_entries(torch.stack(pooled, dim=1), pos, norm, ratio, rotate)
+        self.write_entries(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
+
+    def finish_entries(self, pooled: torch.Tensor, pos: torch.Tensor, norm: torch.Tensor, ratio: int,
+                       rotate: bool) -> torch.Tensor:
+        """Pooled windows [B, S, d] -> entries: normalized, rotated at the window's first position
+        and QAT-rounded."""
+        entry = rms_norm(pooled.to(self.dtype), norm, self.args.rms_norm_eps)
         entry = apply_rope(entry, pos + 1 - ratio, self.freqs[True], self.args.qk_rope_head_dim)
         if self.simulate_qat:
             if rotate:
                 entry = fp4_qdq(entry @ self._hadamard, INDEXER_QAT_BLOCK)
             else:
                 entry = self._kv_qat(entry)
-        self.write_entries(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
+        return entry
 
     def write_entries(self, st: CompressorState, slots: torch.Tensor, pos: torch.Tensor, entry: torch.Tensor,
                       ratio: int) -> None:
@@ -403,27 +422,35 @@ class DeepseekV4:
 
     # --- indexer -------------------------------------------------------------------------
     def indexer(self, prefix: str, x, qr, pos, slots, st: CompressorState) -> torch.Tensor:
-        """Lightning indexer: which compressed entries each query attends. -> mask [B, S, C]."""
+        """Lightning indexer: which compressed entries each query attends, its compressor fed with
+        these tokens already (attention starts that on lane 2 first). Its queries take lane 3 while
+        that compressor runs; the scoring follows both on lane 2. -> mask [B, S, C]."""
         a = self.args
-        q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (-1, a.index_head_dim))  # heads held here
-        self.compress(f"{prefix}compressor.", x, pos, slots, st, 4, a.index_head_dim, rotate=True)
-        scores = self.index_scores(q, x, st.entries, slots, self.w[f"{prefix}weights_proj.weight"], pos)
-        scores = self.reduce_partial(scores)
-        mask = self.index_select(scores, pos)
-        if self.index_trace is not None:
-            self.index_trace.append((prefix, slots.cpu(), scores.float().cpu(), mask.cpu()))
+        with self.beside(lane=3):
+            q = self.linear(qr, f"{prefix}wq_b").unflatten(-1, (-1, a.index_head_dim))  # heads held here
+            q, weights = self.index_queries(q, x, self.w[f"{prefix}weights_proj.weight"], pos)
+            with self.beside(lane=2):
+                scores = self.reduce_partial(self.index_scores(q, weights, st.entries, slots))
+                mask = self.index_select(scores, pos)
+                if self.index_trace is not None:
+                    self.index_trace.append((prefix, slots.cpu(), scores.float().cpu(), mask.cpu()))
         return mask
 
-    def index_scores(self, q: torch.Tensor, x: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor,
-                     weights_proj: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The index heads' (held here) weighted ReLU scores of the slots' compressed keys (of all
-        slots' [N, C, Di]) -> [B, S, C]. q: [B, S, Hi, Di] before RoPE."""
-        a, keys = self.args, keys[slots]
+    def index_queries(self, q: torch.Tensor, x: torch.Tensor, weights_proj: torch.Tensor, pos: torch.Tensor):
+        """The index heads' (held here) queries q [B, S, Hi, Di] after RoPE (and the QAT's rotation
+        and FP4 rounding), and their weights [B, S, Hi] from x."""
+        a = self.args
         q = apply_rope(q, pos, self.freqs[True], a.qk_rope_head_dim)
         if self.simulate_qat:
             q = fp4_qdq(q @ self._hadamard, INDEXER_QAT_BLOCK)
-        weights = F.linear(wide(x), weights_proj) * (a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)  # [B, S, Hi]
-        scores = torch.einsum("bshd,bcd->bshc", wide(q), wide(keys)).relu()
+        weights = F.linear(wide(x), weights_proj) * (a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)
+        return q, weights
+
+    @staticmethod
+    def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The index heads' weighted ReLU scores of the slots' compressed keys (of all slots' [N, C, Di])
+        -> [B, S, C]."""
+        scores = torch.einsum("bshd,bcd->bshc", wide(q), wide(keys[slots])).relu()
         return (scores * weights.unsqueeze(-1)).sum(2)
 
     def index_select(self, scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -441,21 +468,27 @@ class DeepseekV4:
         ratio = a.compress_ratio(layer)
         freqs = self.freqs[ratio > 0]
         p = f"{prefix}attn."
-        q_lora, kv_lora = self.linears(x, (f"{p}wq_a", f"{p}wkv"))
-        qr = self.norm(q_lora, self.w[f"{p}q_norm.weight"])
         entries = comp_mask = None
-        # Three independent paths until attend: the compressed keys, the window, the query heads
-        # (names stay bound until join(): a side stream may still read them).
+        # Independent paths until attend (names stay bound until join(): a side stream may still
+        # read them): the compressors, which read x only and so start first (the indexer's on lane
+        # 2, where the indexer's scoring follows); the window (lane 1); the query heads.
         if ratio:
+            entries = st.compressor.entries                                      # [slots, C, hd]
             with self.beside(lane=0):
                 self.compress(f"{p}compressor.", x, pos, slots, st.compressor, ratio, a.head_dim, rotate=False)
-                entries = st.compressor.entries                                  # [slots, C, hd]
-                comp_mask = (self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer) if ratio == 4
-                             else emitted_entries(entries.shape[1], pos, ratio))
+        if ratio == 4:
+            with self.beside(lane=2):
+                self.compress(f"{p}indexer.compressor.", x, pos, slots, st.indexer, 4, a.index_head_dim, rotate=True)
+        q_lora, kv_lora = self.linears(x, (f"{p}wq_a", f"{p}wkv"))
         with self.beside(lane=1):
             kv = self.kv_entry(kv_lora, self.w[f"{p}kv_norm.weight"], pos, freqs)
             window, window_mask = self.window(st.ring, slots, kv, pos)
             self.ring_write(st.ring, slots, pos, kv)
+            if ratio and ratio != 4:  # HCA: every entry emitted so far (short work: on the short lane)
+                comp_mask = self.emitted_mask(entries, pos, ratio)
+        qr = self.norm(q_lora, self.w[f"{p}q_norm.weight"])
+        if ratio == 4:
+            comp_mask = self.indexer(f"{p}indexer.", x, qr, pos, slots, st.indexer)
         q = self.query_heads(self.linear(qr, f"{p}wq_b").unflatten(-1, (-1, a.head_dim)), pos, freqs)
         self.join()
         o = self.attend(q, window, window_mask, entries, slots, comp_mask, self.w[f"{p}attn_sink"], pos, freqs)
@@ -469,9 +502,11 @@ class DeepseekV4:
         """RMSNorm with the model's eps (the q LoRA norm)."""
         return rms_norm(x, weight, self.args.rms_norm_eps)
 
-    # The norm before the head: the same function under a name of its own, so a subclass can
-    # compile it apart from `norm` (whose compiled form also quantizes for the FP8 linears it feeds).
-    final_norm = norm
+    @staticmethod
+    def emitted_mask(entries: torch.Tensor, pos: torch.Tensor, ratio: int) -> torch.Tensor:
+        """Which of the slots' compressed entries (all slots' [N, C, hd]) exist for each query
+        position [B, S] -> [B, S, C]: those an HCA layer attends."""
+        return emitted_entries(entries.shape[1], pos, ratio)
 
     @staticmethod
     def ring_write(ring: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor) -> None:
@@ -599,8 +634,10 @@ class DeepseekV4:
         return self.hc_post(self.moe(prefix, x, input_ids, hashed), h, post, comb)
 
     def logits(self, h: torch.Tensor, prefix: str = "") -> torch.Tensor:
-        x = self.final_norm(self.hc_head(h, prefix), self.w[f"{prefix}norm.weight"])
-        head = self.w["head.weight"]  # wide, or kept BF16 by a subclass
+        w = self.w
+        x = self.head_input(h, w[f"{prefix}hc_head_fn"], w[f"{prefix}hc_head_scale"], w[f"{prefix}hc_head_base"],
+                            w[f"{prefix}norm.weight"])
+        head = w["head.weight"]  # wide, or kept BF16 by a subclass
         return F.linear(x.to(head.dtype), head).to(wide_dtype(self.dtype))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

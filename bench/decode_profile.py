@@ -6,9 +6,14 @@ kernels attributed to the model's pieces and linears (per weight name), which a 
 only kernels launched through torch are attributed (the CuTe DSL runners' launches have no profiler
 op: find them in the per-kernel table).
 
-    python -m bench.decode_profile [--layers 2] [--batch 1] [--pieces eager|compiled] [--eager-step]
+    python -m bench.decode_profile [--layers 2] [--batch 1[,8,...]] [--pieces eager|compiled] [--eager-step]
+                                   [--trace DIR]
+
+--trace writes each profiled step as a Chrome trace (DIR/step-b{batch}.json: every kernel with its
+start, duration and stream), to read which kernels overlap and which wait.
 """
 import argparse
+import os
 import re
 import tempfile
 import time
@@ -29,22 +34,28 @@ def main():
     require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated; one profile each")
     p.add_argument("--pieces", choices=("eager", "compiled"), default="eager",
                    help="the torch pieces between the runners eager or through torch.compile")
     p.add_argument("--eager-step", action="store_true", help="profile an eager step instead of a graph replay")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--trace", help="a directory for the Chrome trace of each profiled step")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ck = load_checkpoint(generate(f"{tmp}/c", flavor="nvidia-nvfp4", size="flash-shaped", layers=a.layers,
                                       device="cuda"))
         model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda",
                               compile_attention=a.pieces == "compiled")
-    b = a.batch
+    if a.eager_step:
+        label_pieces(model)
+    for b in [int(b) for b in a.batch.split(",")]:
+        profile_step(model, a, b)
+
+
+def profile_step(model, a, b: int) -> None:
     state = model.new_state(b + 1, 256, with_mtp=False)
     tokens, positions, slots = torch.randint(2, 4000, (b,)).tolist(), [17] * b, list(range(b))
     if a.eager_step:
-        label_pieces(model)
         tok, pos, sl = (torch.tensor(tokens, device="cuda").view(b, 1), torch.tensor(positions, device="cuda"),
                         torch.arange(b, device="cuda"))
         step = lambda: model.forward(tok, pos, sl, state)  # noqa: E731
@@ -62,6 +73,9 @@ def main():
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    if a.trace:
+        os.makedirs(a.trace, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(a.trace, f"step-b{b}.json"))
     events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     launches = sum(e.count for e in events)

@@ -203,8 +203,9 @@ def _vecs(t: torch.Tensor) -> torch.Tensor:
 
 
 def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
-              swiglu_limit: float) -> torch.Tensor:
-    """x: bf16 or fp32 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref).
+              swiglu_limit: float, sum_slots: bool = True) -> torch.Tensor:
+    """x: bf16 or fp32 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref;
+    sum_slots False: [T, k, D], each slot's output, for a caller that fuses their sum with its own work).
     Activations are converted to f16 (which holds BF16 activations exactly within +-65504); both
     kernels (see `moe_kernels`) take inner products in f16 and accumulate in fp32."""
     t, k = experts.shape
@@ -221,4 +222,4 @@ def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, sta
     l1, l2 = moe_kernels(stacked, t, k, swiglu_limit, arch)
     l1(_vecs(pair_order(x)), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
     l2(_vecs(h), _vecs(stacked.w2), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
-    return y.view(t, k, -1).sum(1)
+    return y.view(t, k, -1).sum(1) if sum_slots else y.view(t, k, -1)

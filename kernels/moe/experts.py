@@ -133,15 +133,15 @@ def clamped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, route_w:
 
 
 def moe_w4a16_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
-                  swiglu_limit: float) -> torch.Tensor:
+                  swiglu_limit: float, sum_slots: bool = True) -> torch.Tensor:
     """The spec of the routed-expert MoE (W4A16). x: [T, D] (bf16 or fp32), rounded to fp16 (the
     runners' activation format); weights fp32 [T, k]; experts [T, k]. Per (token, k) slot:
     h = w * silu(min(x W1^T, limit)) * clamp(x W3^T, +-limit), rounded to fp16 (the runners keep h
     in fp16), y = h W2^T in fp32; the output sums a token's k slots in order k = 0..K-1.
-    -> fp32 [T, D]."""
+    -> fp32 [T, D] (sum_slots False: [T, k, D], the slots' outputs before that sum)."""
     t, k = experts.shape
     y = torch.zeros(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
     for _, slots, (w1, w2, w3) in expert_runs(experts, stacked):
         h = clamped_swiglu(x[slots // k].half().float(), w1, w3, weights.reshape(-1)[slots, None], swiglu_limit).half()
         y[slots] = h.float() @ w2.T
-    return y.view(t, k, -1).sum(1)
+    return y.view(t, k, -1).sum(1) if sum_slots else y.view(t, k, -1)

@@ -27,8 +27,9 @@ from .experts import StackedExperts, clamped_swiglu, expert_runs
 
 
 def moe_w4a4_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
-                 swiglu_limit: float) -> torch.Tensor:
-    """x [T, D]; weights fp32 [T, k]; experts [T, k] -> fp32 [T, D]. NVFP4 experts only."""
+                 swiglu_limit: float, sum_slots: bool = True) -> torch.Tensor:
+    """x [T, D]; weights fp32 [T, k]; experts [T, k] -> fp32 [T, D] (sum_slots False: [T, k, D]).
+    NVFP4 experts only."""
     if stacked.fmt != "nvfp4" or stacked.a13 is None:
         raise ValueError("moe_w4a4_ref: W4A4 needs NVFP4 experts with their input_scale "
                          f"(got {stacked.fmt} experts)")
@@ -38,7 +39,7 @@ def moe_w4a4_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, 
         xq = nvfp4_qdq(x[slots // k].float(), stacked.a13[e])
         h = clamped_swiglu(xq, w1, w3, weights.reshape(-1)[slots, None].float(), swiglu_limit)
         y[slots] = nvfp4_qdq(h, stacked.a2[e]) @ w2.T
-    return y.view(t, k, -1).sum(1)
+    return y.view(t, k, -1).sum(1) if sum_slots else y.view(t, k, -1)
 
 
 def calibrate_input_scales(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
@@ -88,8 +89,9 @@ def padded_tiles(weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
 
 
 def moe_w4a4(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
-             swiglu_limit: float, tile_n: int = 128) -> torch.Tensor:
-    """The sm_100a runner of moe_w4a4_ref (COMPILE-VERIFIED ONLY): x bf16 [T, D] -> fp32 [T, D]."""
+             swiglu_limit: float, tile_n: int = 128, sum_slots: bool = True) -> torch.Tensor:
+    """The sm_100a runner of moe_w4a4_ref (COMPILE-VERIFIED ONLY): x bf16 [T, D] -> fp32 [T, D]
+    (sum_slots False: [T, k, D])."""
     from ..w4a4 import blockscaled_matmul, quantize_rows_nvfp4, swizzled
     if stacked.fmt != "nvfp4" or stacked.a13 is None:
         raise ValueError("moe_w4a4: W4A4 needs NVFP4 experts with their input_scale")
@@ -108,4 +110,4 @@ def moe_w4a4(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stac
     y = blockscaled_matmul(stacked.w2, s2, hq, hs, alpha2, tiles.tile_group, d, i, e, d, tile_n)
     out = torch.zeros(t * k + 1, d, dtype=torch.float32, device=x.device)
     out.index_copy_(0, tiles.row_slot, y)  # padding rows all land on the discarded row t*k
-    return out[: t * k].view(t, k, d).sum(1)
+    return out[: t * k].view(t, k, d).sum(1) if sum_slots else out[: t * k].view(t, k, d)
