@@ -144,7 +144,9 @@ def moe_kernels(stacked: StackedExperts, tokens: int, top_k: int, swiglu_limit: 
 def _compiled_dispatch(num_experts: int, arch: str):
     import cutlass
 
-    from .dispatch_sm90 import dispatch_launch
+    from .dispatch_sm90 import THREADS, dispatch_launch
+    if num_experts > THREADS:
+        raise ValueError(f"dispatch: at most {THREADS} experts (one thread each), got {num_experts}")
     args = (fake(cutlass.Int64, None), fake(cutlass.Int32, None), fake(cutlass.Int32, None),
             fake(cutlass.Int32, None), fake(cutlass.Int32, 1))
     return compile_tvm_ffi(dispatch_launch, args, (num_experts,))
