@@ -362,8 +362,8 @@ class DeepseekV4Gpu(DeepseekV4):
         the order topk gives them (ties aside: exact ties of fp32 scores): compiled, one kernel with
         the scores, where topk launches a selection and a sort (H200, batch 1: 12.6 us). Up to 8
         tokens the gate's GEMV is a multiply-sum Inductor fuses with the rest (cuBLAS's fp32 GEMV
-        took 6.3 us for this 4 MB; bench/NOTES.md measured the forms for this gate, 2-2.5x faster
-        at 1-8 tokens, slower above)."""
+        took 6.3 us for this 4 MB at batch 1; bench/NOTES.md, fifth session: for this gate's shape
+        the multiply-sum was 1.5x / 2.3x faster than cuBLAS at 1 / 8 tokens, slower from 32)."""
         if hashed:
             return DeepseekV4.routing(self, x, gate, choice, input_ids, hashed)
         a = self.args
