@@ -32,7 +32,8 @@ from kernels.moe import stack_experts
 from kernels.moe.experts import check_mxfp4_scales
 
 from .config import ModelArgs
-from .model import CompressorState, DeepseekV4, ModelState, compressor_projections, write_entries_decode
+from .model import (CompressorState, DeepseekV4, ModelState, compressor_projections, next_window, pool_window,
+                    window_row, write_entries_decode)
 
 _EXPERT = re.compile(r"^(.*ffn\.)experts\.(\d+)\.(w[123])$")
 # Linears that read the same input, run as one GEMM on their stacked rows (names under a layer's
@@ -225,21 +226,16 @@ class DeepseekV4Gpu(DeepseekV4):
         place and the pooling reads the slots' windows where they are, where the reference's form
         copies each slot's whole window out and back (for ratio 128, 512 KB per sequence). The
         overlapping windows (ratio 4) still move their halves when a window closes."""
-        overlap, d, p = ratio == 4, head_dim, pos[:, 0]
+        p = pos[:, 0]
         kv_new, score_new = (t[:, 0] for t in compressor_projections(x, wkv, wgate))
-        row = (ratio if overlap else 0) + p % ratio
+        row = window_row(p, ratio)
         kv_state_all[slots, row] = kv_new
         score_state_all[slots, row] = score_new + ape[p % ratio]
         kv_state, score_state = kv_state_all[slots], score_state_all[slots]
-        if overlap:  # previous window's first half of channels + this window's second half
-            kv_win = torch.cat([kv_state[:, :ratio, :d], kv_state[:, ratio:, d:]], dim=1)
-            score_win = torch.cat([score_state[:, :ratio, :d], score_state[:, ratio:, d:]], dim=1)
-            done = ((p + 1) % ratio == 0).view(-1, 1, 1)  # a closed window becomes the next one's first half
-            kv_state_all[slots] = torch.where(done, kv_state.roll(-ratio, dims=1), kv_state)
-            score_state_all[slots] = torch.where(done, score_state.roll(-ratio, dims=1), score_state)
-        else:
-            kv_win, score_win = kv_state, score_state
-        pooled = (kv_win * score_win.softmax(dim=1)).sum(dim=1)
+        pooled = pool_window(kv_state, score_state, ratio, head_dim)
+        if ratio == 4:
+            kv_state_all[slots] = next_window(kv_state, p, ratio)
+            score_state_all[slots] = next_window(score_state, p, ratio)
         entry = self.finish_entries(pooled.unsqueeze(1), pos, norm, ratio, rotate)
         write_entries_decode(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
 

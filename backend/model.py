@@ -198,6 +198,30 @@ def compressor_projections(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tens
     return F.linear(wide(x), wkv), F.linear(wide(x), wgate)
 
 
+def window_row(p: torch.Tensor, ratio: int) -> torch.Tensor:
+    """The row of a compressor's window state that position p writes (overlapping windows, ratio 4:
+    the second half; the first half holds the previous window)."""
+    return (ratio if ratio == 4 else 0) + p % ratio
+
+
+def pool_window(kv_state: torch.Tensor, score_state: torch.Tensor, ratio: int, head_dim: int) -> torch.Tensor:
+    """The windows [B, rows, channels] pooled per channel: the rows' kv weighted by the softmax of
+    their scores -> [B, head_dim]. Overlapping windows (ratio 4) pool the previous window's first
+    half of the channels and this window's second half."""
+    if ratio == 4:
+        d = head_dim
+        kv_state = torch.cat([kv_state[:, :ratio, :d], kv_state[:, ratio:, d:]], dim=1)
+        score_state = torch.cat([score_state[:, :ratio, :d], score_state[:, ratio:, d:]], dim=1)
+    return (kv_state * score_state.softmax(dim=1)).sum(dim=1)
+
+
+def next_window(state: torch.Tensor, p: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Overlapping windows' state after position p: where p closes a window, its rows become the
+    next window's first half (the halves swap places)."""
+    done = ((p + 1) % ratio == 0).view(-1, 1, 1)
+    return torch.where(done, state.roll(-ratio, dims=1), state)
+
+
 def write_entries_emitting(st: "CompressorState", slots, pos, entry, ratio: int) -> None:
     """Only the tokens that close a window write (tokens of one window share an index, so nothing
     races). Data-dependent shapes: for prefill."""
@@ -369,26 +393,18 @@ class DeepseekV4:
         its window row; when (p+1) % ratio == 0 the window is pooled (softmax over rows of score +
         ape, per channel) into entry p // ratio, normalized, rotated at the window's first position
         and QAT-rounded. wgate None: wkv holds wkv's rows then wgate's (one GEMM)."""
-        overlap, d = ratio == 4, head_dim
         kv_all, score_all = compressor_projections(x, wkv, wgate)  # [B, S, coff*d] fp32 each
         rows = torch.arange(x.shape[0], device=x.device)
         kv_state, score_state = kv_state_all[slots], score_state_all[slots]  # local copies, written back below
         pooled = []
         for t in range(x.shape[1]):
             p = pos[:, t]
-            row = (ratio if overlap else 0) + p % ratio
+            row = window_row(p, ratio)
             kv_state[rows, row] = kv_all[:, t]
             score_state[rows, row] = score_all[:, t] + ape[p % ratio]
-            if overlap:  # previous window's first half of channels + this window's second half
-                kv_win = torch.cat([kv_state[:, :ratio, :d], kv_state[:, ratio:, d:]], dim=1)
-                score_win = torch.cat([score_state[:, :ratio, :d], score_state[:, ratio:, d:]], dim=1)
-            else:
-                kv_win, score_win = kv_state, score_state
-            pooled.append((kv_win * score_win.softmax(dim=1)).sum(dim=1))
-            if overlap:  # a completed window becomes the next one's overlap half
-                done = ((p + 1) % ratio == 0).view(-1, 1, 1)
-                kv_state = torch.where(done, kv_state.roll(-ratio, dims=1), kv_state)
-                score_state = torch.where(done, score_state.roll(-ratio, dims=1), score_state)
+            pooled.append(pool_window(kv_state, score_state, ratio, head_dim))
+            if ratio == 4:
+                kv_state, score_state = next_window(kv_state, p, ratio), next_window(score_state, p, ratio)
         kv_state_all[slots], score_state_all[slots] = kv_state, score_state
 
         entry = self.finish_entries(torch.stack(pooled, dim=1), pos, norm, ratio, rotate)
