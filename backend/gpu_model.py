@@ -27,6 +27,7 @@ from kernels.attention import sparse_mqa_decode
 from kernels.cute_compile import cache_root
 from kernels.mhc import mhc_pre
 from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight, quantize_activation_fp8
+from kernels.hadamard import hadamard_transform
 from kernels.linear import reserve_split_counters
 from kernels.moe import stack_experts
 from kernels.moe.experts import check_mxfp4_scales
@@ -78,7 +79,7 @@ COMPILED_PIECES = ("norm", "head_input", "query_heads", "kv_entry", "window", "r
 # fp32 sums possibly in another order); eager calls keep the reference's form.
 COMPILED_FORMS = {"hc_mixes": "hc_mixes_in_chunks", "hc_post": "hc_post_unrolled",
                   "compressor_step": "compressor_step_in_place", "routing": "routing_by_argmax",
-                  "head_input": "head_input_in_chunks"}
+                  "head_input": "head_input_in_chunks", "index_queries": "index_queries_fast_rotation"}
 # Pieces whose output feeds FP8 linears (the q LoRA norm: wq_b and the indexer's wq_b; the mHC
 # sublayer input: wq_a||wkv and the shared w1||w3; attention: wo_a; the shared SwiGLU: w2). Their
 # compiled forms also quantize the output as the FP8 runner would (quantize_activation_fp8, the
@@ -179,7 +180,9 @@ class DeepseekV4Gpu(DeepseekV4):
                         del self.w[n]
         for name in [n for n in self.w if n.endswith("compressor.wkv.weight")]:
             gate = name.replace(".wkv.", ".wgate.")
-            self.w[name.replace(".wkv.", ".wkv+wgate.")] = torch.cat([self.w.pop(name), self.w.pop(gate)])
+            w = torch.cat([self.w.pop(name), self.w.pop(gate)])
+            # BF16 as shipped (widened at load): half the bytes for the decode kernel, same products
+            self.w[name.replace(".wkv.", ".wkv+wgate.")] = w.bfloat16() if torch.equal(w.bfloat16().float(), w) else w
         return stacked
 
     def linears(self, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
@@ -227,7 +230,10 @@ class DeepseekV4Gpu(DeepseekV4):
         copies each slot's whole window out and back (for ratio 128, 512 KB per sequence). The
         overlapping windows (ratio 4) still move their halves when a window closes."""
         p = pos[:, 0]
-        kv_new, score_new = (t[:, 0] for t in compressor_projections(x, wkv, wgate))
+        if wgate is None:  # stacked: one kernel (fp32 math) for both
+            kv_new, score_new = torch.ops.dsv4.linear_f32(x[:, 0], wkv).chunk(2, dim=-1)
+        else:
+            kv_new, score_new = (t[:, 0] for t in compressor_projections(x, wkv, wgate))
         row = window_row(p, ratio)
         kv_state_all[slots, row] = kv_new
         score_state_all[slots, row] = score_new + ape[p % ratio]
@@ -236,8 +242,16 @@ class DeepseekV4Gpu(DeepseekV4):
         if ratio == 4:
             kv_state_all[slots] = next_window(kv_state, p, ratio)
             score_state_all[slots] = next_window(score_state, p, ratio)
-        entry = self.finish_entries(pooled.unsqueeze(1), pos, norm, ratio, rotate)
+        entry = self.finish_entries(pooled.unsqueeze(1), pos, norm, ratio, rotate, rotation=hadamard_transform)
         write_entries_decode(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
+
+    def index_queries_fast_rotation(self, q, x, weights_proj, pos):
+        """index_queries with the QAT rotation as the fast Walsh-Hadamard transform, which Inductor
+        fuses with the pieces' pointwise work (compressor_step_in_place rotates its entries so too).
+        As a matmul it was a GEMM launch of its own: on an H200 at batch 8, cuBLAS ran the entries'
+        [8, 128] x [128, 128] as a 53 us SGEMM (bench/NOTES.md, eleventh session)."""
+        return DeepseekV4.index_queries(self, q, x, weights_proj, pos, rotation=hadamard_transform,
+                                        linear=torch.ops.dsv4.linear_f32)
 
     def _for_decode(self, eager, compiled, quantizes: bool):
         def call(*args):
@@ -356,21 +370,19 @@ class DeepseekV4Gpu(DeepseekV4):
                           hashed: bool):
         """routing with the top-k experts taken as k successive argmaxes (each masking its pick), in
         the order topk gives them (ties aside: exact ties of fp32 scores): compiled, one kernel with
-        the scores, where topk launches a selection and a sort (H200, batch 1: 12.6 us). Up to 8
-        tokens the gate's GEMV is a multiply-sum Inductor fuses with the rest (cuBLAS's fp32 GEMV
-        took 6.3 us for this 4 MB at batch 1; bench/NOTES.md, fifth session: for this gate's shape
-        the multiply-sum was 1.5x / 2.3x faster than cuBLAS at 1 / 8 tokens, slower from 32)."""
-        if hashed:
-            return DeepseekV4.routing(self, x, gate, choice, input_ids, hashed)
+        the scores, where topk launches a selection and a sort (H200, batch 1: 12.6 us). The gate's
+        fp32 GEMV runs on kernels.linear.linear_f32 (hash layers too): on an H200 at batch 8 cuBLAS
+        took 21 us for this 4 MB and Inductor's multiply-sum 13.5 us (bench/NOTES.md)."""
         a = self.args
-        x = x.float()
-        logits = (x.unsqueeze(1) * gate).sum(-1) if x.shape[0] <= 8 else F.linear(x, gate)
-        scores = F.softplus(logits).sqrt()                                         # [T, E] fp32
-        biased, ids, picks = scores + choice, torch.arange(scores.shape[-1], device=x.device), []
-        for _ in range(a.num_experts_per_tok):
-            picks.append(biased.argmax(-1, keepdim=True))
-            biased = biased.masked_fill(ids == picks[-1], float("-inf"))
-        experts = torch.cat(picks, dim=-1)
+        scores = F.softplus(torch.ops.dsv4.linear_f32(x, gate)).sqrt()             # [T, E] fp32
+        if hashed:
+            experts = choice[input_ids].long()
+        else:
+            biased, ids, picks = scores + choice, torch.arange(scores.shape[-1], device=x.device), []
+            for _ in range(a.num_experts_per_tok):
+                picks.append(biased.argmax(-1, keepdim=True))
+                biased = biased.masked_fill(ids == picks[-1], float("-inf"))
+            experts = torch.cat(picks, dim=-1)
         weights = scores.gather(1, experts)
         return weights / weights.sum(-1, keepdim=True) * a.routed_scaling_factor, experts
 

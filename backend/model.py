@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.formats import (Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp4_qdq, fp8_qdq, hadamard,
-                             quantize_activation_fp8)
+from kernels.formats import Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, fp4_qdq, fp8_qdq, quantize_activation_fp8
+from kernels.hadamard import hadamard
 from kernels.linear import dequantize_weight, linear_ref
 
 from .config import ModelArgs
@@ -194,8 +194,8 @@ def compressor_projections(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tens
     """A compressor's kv and score projections of x [B, S, D] in fp32 math (wgate None: wkv holds
     wkv's rows, then wgate's: one GEMM)."""
     if wgate is None:
-        return F.linear(wide(x), wkv).chunk(2, dim=-1)
-    return F.linear(wide(x), wkv), F.linear(wide(x), wgate)
+        return F.linear(wide(x), wide(wkv)).chunk(2, dim=-1)
+    return F.linear(wide(x), wide(wkv)), F.linear(wide(x), wide(wgate))
 
 
 def window_row(p: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -411,14 +411,14 @@ class DeepseekV4:
         self.write_entries(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
 
     def finish_entries(self, pooled: torch.Tensor, pos: torch.Tensor, norm: torch.Tensor, ratio: int,
-                       rotate: bool) -> torch.Tensor:
+                       rotate: bool, rotation=None) -> torch.Tensor:
         """Pooled windows [B, S, d] -> entries: normalized, rotated at the window's first position
-        and QAT-rounded."""
+        and QAT-rounded (`rotation`: another form of qat_rotation)."""
         entry = rms_norm(pooled.to(self.dtype), norm, self.args.rms_norm_eps)
         entry = apply_rope(entry, pos + 1 - ratio, self.freqs[True], self.args.qk_rope_head_dim)
         if self.simulate_qat:
             if rotate:
-                entry = fp4_qdq(entry @ self._hadamard, INDEXER_QAT_BLOCK)
+                entry = fp4_qdq((rotation or self.qat_rotation)(entry), INDEXER_QAT_BLOCK)
             else:
                 entry = self._kv_qat(entry)
         return entry
@@ -452,14 +452,20 @@ class DeepseekV4:
                     self.index_trace.append((prefix, slots.cpu(), scores.float().cpu(), mask.cpu()))
         return mask
 
-    def index_queries(self, q: torch.Tensor, x: torch.Tensor, weights_proj: torch.Tensor, pos: torch.Tensor):
+    def qat_rotation(self, x: torch.Tensor) -> torch.Tensor:
+        """The indexer's QAT rotation (keys and queries, before their FP4 rounding): x @ H."""
+        return x @ self._hadamard
+
+    def index_queries(self, q: torch.Tensor, x: torch.Tensor, weights_proj: torch.Tensor, pos: torch.Tensor,
+                      rotation=None, linear=F.linear):
         """The index heads' (held here) queries q [B, S, Hi, Di] after RoPE (and the QAT's rotation
-        and FP4 rounding), and their weights [B, S, Hi] from x."""
+        and FP4 rounding), and their weights [B, S, Hi] from x (`rotation`: another form of
+        qat_rotation; `linear`: another runner of the fp32-math F.linear)."""
         a = self.args
         q = apply_rope(q, pos, self.freqs[True], a.qk_rope_head_dim)
         if self.simulate_qat:
-            q = fp4_qdq(q @ self._hadamard, INDEXER_QAT_BLOCK)
-        weights = F.linear(wide(x), weights_proj) * (a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)
+            q = fp4_qdq((rotation or self.qat_rotation)(q), INDEXER_QAT_BLOCK)
+        weights = linear(wide(x), weights_proj) * (a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)
         return q, weights
 
     @staticmethod

@@ -5,13 +5,18 @@ a register bound (CTAs per SM), and for L1 the w1 and w3 rows in separate warps.
 
     python -m bench.moe_tiles [--quick] [--n-tiles 1,2] [--k-unrolls 1,2] [--warps-m 2,4]
                               [--warps-k 1,2,4] [--min-ctas 0,5,6] [--split-halves 0,1]
+    python -m bench.moe_tiles --gemv [--rows-l1 1,2,4] [--rows-l2 2,4,8] [--k-unrolls 1,2,4] [--n-tiles 1,2]
+
+--gemv sweeps the SIMT GEMV's knobs instead (rows per warp, 16-byte vectors per row and lane loaded
+per round, tokens per pass) at T = 1, 4, 8, 16, cold: each time cycles through enough random
+routings that the experts' bytes exceed the L2 cache.
 """
 import itertools
 
 import torch
 
 from bench.moe_w4a16 import SHAPES
-from bench.timing import graph_time, require_gpu
+from bench.timing import cold_graph_time, graph_time, require_gpu
 from kernels.cute_compile import target_arch
 from kernels.moe import _compiled, _vecs, compile_kernels, dispatch_fused, pair_order, register_bound
 from tests.gpu.test_moe_w4a16 import random_stacked
@@ -63,8 +68,51 @@ def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K,
             print(knobs + " | ".join(f"{v:.3f}" for v in times) + " |", flush=True)
 
 
+GEMV_TOKENS = (1, 4, 8, 16)
+
+
+def gemv_sweep(rows_l1=(1, 2, 4), rows_l2=(2, 4, 8), k_unrolls=(1, 2, 4), token_tiles=(1,)):
+    require_gpu()
+    hidden, inter, n_exp, k = SHAPES["flash"]
+    st = random_stacked(hidden, inter, n_exp, "nvfp4")
+    arch = target_arch(torch.device("cuda"))
+    expert_bytes = st.w13[0].numel() + st.s13[0].numel() + st.w2[0].numel() + st.s2[0].numel()
+    cases = {}
+    for t in GEMV_TOKENS:
+        routings = max(2, min(16, -(-(256 << 20) // (t * k * expert_bytes))))  # past the L2 cache
+        cases[t] = []
+        for _ in range(routings):
+            ids = torch.rand(t, n_exp, device="cuda").topk(k, dim=-1).indices
+            cases[t].append((pair_order(torch.randn(t, hidden, device="cuda").bfloat16()),
+                             torch.rand(t * k, device="cuda"), dispatch_fused(ids, n_exp),
+                             torch.randn(t * k, inter, device="cuda").half(),
+                             torch.empty(t * k, hidden, device="cuda"),
+                             torch.empty(t * k, inter, dtype=torch.float16, device="cuda")))
+    for gated in (True, False):
+        print(f"\n| {'L1' if gated else 'L2'} GEMV: rows per warp | vectors per round | tokens per pass | "
+              + " | ".join(f"T={t} ms" for t in GEMV_TOKENS) + " |")
+        print("|---" * (3 + len(GEMV_TOKENS)) + "|")
+        for rows, unroll, tile in itertools.product(rows_l1 if gated else rows_l2, k_unrolls, token_tiles):
+            fn = _compiled(gated, 16, arch, "gemv", n_tiles=tile, k_unroll=unroll, top_k=k, swiglu_limit=10.0,
+                           rows=rows)
+            times = []
+            for t in GEMV_TOKENS:
+                calls = []
+                for xp, rw, d, h, y, h_out in cases[t]:
+                    common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
+                    if gated:
+                        calls.append(lambda xp=xp, rw=rw, c=common, o=h_out:
+                                     fn(_vecs(xp), _vecs(st.w13), st.s13, st.g13, rw, *c, o))
+                    else:
+                        calls.append(lambda h=h, rw=rw, c=common, y=y:
+                                     fn(_vecs(h), _vecs(st.w2), st.s2, st.g2.view(-1, 1), rw, *c, y))
+                times.append(cold_graph_time(calls))
+            print(f"| {rows} | {unroll} | {tile} | " + " | ".join(f"{v:.4f}" for v in times) + " |", flush=True)
+
+
 if __name__ == "__main__":
     import argparse
+    import sys
 
     def ints(text):
         return tuple(int(v) for v in text.split(","))
@@ -78,8 +126,15 @@ if __name__ == "__main__":
     p.add_argument("--min-ctas", type=ints, default=(None,),
                    help="register bound: CTAs per SM (0: none; default: kernels.moe's choice)")
     p.add_argument("--split-halves", type=ints, default=(0,), help="L1: 0 and/or 1 (w1 and w3 rows in separate warps)")
+    p.add_argument("--gemv", action="store_true", help="sweep the SIMT GEMV instead")
+    p.add_argument("--rows-l1", type=ints, default=(1, 2, 4), help="--gemv: L1 rows (w1/w3 pairs) per warp")
+    p.add_argument("--rows-l2", type=ints, default=(2, 4, 8), help="--gemv: L2 rows per warp")
     a = p.parse_args()
-    if a.quick:
+    if a.gemv:  # the GEMV's own defaults where --k-unrolls / --n-tiles were not given
+        given = {arg.split("=")[0] for arg in sys.argv[1:]}
+        gemv_sweep(a.rows_l1, a.rows_l2, a.k_unrolls if "--k-unrolls" in given else (1, 2, 4),
+                   a.n_tiles if "--n-tiles" in given else (1,))
+    elif a.quick:
         main(n_tiles=(1,), k_unrolls=(1, 2), warps_m=(4,), warps_k=(1, 4))
     else:
         main(a.n_tiles, a.k_unrolls, a.warps_m, a.warps_k, a.min_ctas, tuple(bool(v) for v in a.split_halves))

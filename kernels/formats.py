@@ -388,13 +388,3 @@ def fp4_qdq(x: torch.Tensor, block: int = MXFP4_BLOCK) -> torch.Tensor:
     scale = pow2_ceil(amax / E2M1_MAX).unsqueeze(-1)
     values = round_e2m1(blocks / scale) * scale
     return values.flatten(-2).to(x.dtype)
-
-
-def hadamard(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Sylvester Hadamard matrix of order n (a power of two), scaled by n^-0.5 (orthonormal)."""
-    if n <= 0 or n & (n - 1):
-        raise ValueError(f"Hadamard order must be a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h * n ** -0.5).to(device=device, dtype=dtype)

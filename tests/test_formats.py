@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels import formats as F
+from kernels.hadamard import hadamard, hadamard_transform
 from kernels.linear import dequantize_weight, linear_ref
 
 ALL_CODE_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -150,10 +151,24 @@ def test_mxfp4_to_nvfp4_refuses_scales_outside_e4m3():
 
 
 def test_hadamard_is_orthonormal():
-    h = F.hadamard(128)
+    h = hadamard(128)
     assert torch.allclose(h @ h.T, torch.eye(128), atol=1e-6)
     with pytest.raises(ValueError):
-        F.hadamard(96)
+        hadamard(96)
+
+
+def test_hadamard_transform_is_the_matrix_product():
+    """The fast transform against x @ hadamard(n) in float64 (orders 1 to 128, random rows with
+    leading dims), and by hand at order 2 and 4."""
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 2, 8, 128):
+        x = torch.randn(3, 2, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64)
+        assert torch.allclose(hadamard_transform(x), x @ hadamard(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.allclose(hadamard_transform(torch.tensor([3.0, 1.0])), torch.tensor([4.0, 2.0]) / 2 ** 0.5)
+    assert torch.allclose(hadamard_transform(torch.tensor([1.0, 2.0, 3.0, 4.0])),
+                          torch.tensor([10.0, -2.0, -4.0, 0.0]) / 2)
+    with pytest.raises(ValueError):
+        hadamard_transform(torch.ones(96))
 
 
 def test_linear_ref_dequantizes_each_format_on_the_fly():

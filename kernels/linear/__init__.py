@@ -17,6 +17,10 @@ GPU runners (CuTe DSL), each with its twin; the checkpoint's bytes are used in p
   group per dense layer, or the wo_a groups as experts in one launch. Twin: `linear_w4a16_ref`.
 - `linear_w4a4(x, weight)`: Blackwell NVFP4 x NVFP4 (activations quantized on the fly with the
   weight's `input_scale`), COMPILE-VERIFIED ONLY (kernels.w4a4). Twin: `linear_w4a4_ref`.
+- `linear_f32(x, weight)`: fp32 math on a BF16 or fp32 weight (the gate, the compressors, the
+  indexer's weights_proj), a CuTe DSL kernel for up to 16 tokens (kernels.linear.small_f32_sm90),
+  F.linear above; also `torch.ops.dsv4.linear_f32`, which compiled pieces call. Twin:
+  `linear_f32_ref`.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from ..formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Fp8BlockWeight, Mxfp
                        dequantize_activation_fp8, fp8_qdq, nvfp4_qdq)
 
 __all__ = ["linear_ref", "dequantize_weight", "linear_w4a16", "linear_w4a16_ref", "linear_fp8", "linear_fp8_ref",
-           "quantize_rows_fp8", "fp8_plan", "compile_fp8_kernels", "linear_w4a4", "linear_w4a4_ref"]
+           "quantize_rows_fp8", "fp8_plan", "compile_fp8_kernels", "linear_w4a4", "linear_w4a4_ref", "linear_f32",
+           "linear_f32_ref"]
 
 
 def dequantize_weight(weight, dtype=torch.float32) -> torch.Tensor:
@@ -108,6 +113,70 @@ def linear_w4a16(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
     kernel(_vecs(pair_order(x_rows)), _vecs(packed), scales, gscale, route_w,
            d.sorted_slots, d.active_experts, d.active_start, d.num_active, out)
     return out.view(x.shape[0], groups * r)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 math for a few tokens
+# ---------------------------------------------------------------------------------------------
+
+SMALL_LINEAR_TOKENS = (1, 2, 4, 8, 16)  # compiled variants' static token counts; above: F.linear
+SMALL_LINEAR_WARPS = 132 * 16  # a launch with fewer warps leaves an H100/H200's memory idle
+
+
+def linear_f32_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The twin of linear_f32: x [T, K] @ W^T in fp32 math -> fp32 [T, N]."""
+    return F.linear(x.float(), weight.float())
+
+
+def small_linear_plan(tokens: int, n: int, k: int, bf16: bool) -> tuple[int, int]:
+    """(static token count, warps splitting K) of the kernel for `tokens` x [n, k]: enough warps
+    for the memory, each with at least one round of 32 vectors."""
+    from .small_f32_sm90 import ROWS
+    max_tokens = next(t for t in SMALL_LINEAR_TOKENS if t >= tokens)
+    warps, rounds = n // ROWS, k // (8 if bf16 else 4) // 32
+    warps_k = 1
+    while warps * warps_k < SMALL_LINEAR_WARPS and 2 * warps_k <= min(rounds, 8):
+        warps_k *= 2
+    return max_tokens, warps_k
+
+
+@functools.cache
+def _compiled_small_linear(bf16: bool, warps_k: int, max_tokens: int, arch: str):
+    import cutlass
+
+    from .small_f32_sm90 import small_linear
+    args = (fake(cutlass.Int32, None, None, 4), fake(cutlass.Int32, None, None, 4), fake(cutlass.Float32, None, None))
+    return compile_tvm_ffi(small_linear, args, (bf16, warps_k, max_tokens))
+
+
+def _small_linear_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes this call: a Hopper or newer GPU, up to 16 tokens, shapes it tiles."""
+    from .small_f32_sm90 import ROWS
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9 and x.shape[0] <= SMALL_LINEAR_TOKENS[-1]
+            and weight.dtype in (torch.bfloat16, torch.float32) and weight.shape[0] % ROWS == 0
+            and weight.shape[1] % 8 == 0)
+
+
+@torch.library.custom_op("dsv4::linear_f32", mutates_args=())
+def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T in fp32 math: x [..., K] (any float dtype, widened), W BF16 or fp32 [N, K] ->
+    fp32 [..., N]. Graph safe; compile first outside any capture (one eager call per token count)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not _small_linear_runs(rows, weight):
+        return linear_f32_ref(x, weight)
+    rows = rows.float().contiguous()
+    w = weight.contiguous()
+    bf16 = w.dtype == torch.bfloat16
+    out = torch.empty(rows.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+    max_tokens, warps_k = small_linear_plan(rows.shape[0], *w.shape, bf16)
+    kernel = _compiled_small_linear(bf16, warps_k, max_tokens, target_arch(x.device))
+    kernel(rows.view(torch.int32).view(rows.shape[0], -1, 4), w.view(torch.int32).view(w.shape[0], -1, 4), out)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+@linear_f32.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,39 +31,52 @@ __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "uns
            "route_topk", "route_hash", "compile_kernels", "dispatch_fused"]
 
 
-@functools.cache
 def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: int = 1, k_unroll: int = 2,
               warps_k: int = 1, top_k: int = 1, swiglu_limit: float = 0.0, warps_m: int = 4,
-              min_ctas: int = 0, split_halves: bool = False):
+              min_ctas: int = 0, split_halves: bool = False, rows: int = 0):
     """One compiled grouped GEMM per static configuration; every size is a runtime value.
-    kind "gemv": the SIMT kernel (kernels.moe.w4a16_sm90), for about one token per expert.
+    kind "gemv": the SIMT kernel (kernels.moe.w4a16_sm90), for about one token per expert; its
+    knobs: `rows` per warp (0: GEMV_L1's / GEMV_L2's), `n_tiles` tokens per pass over the weights,
+    `k_unroll` 16-byte vectors per row and lane loaded per round, `warps_k` and `warps_m`.
     kind "mma": the tensor-core kernel (kernels.moe.w4a16_mma_sm90); its knobs: token tiles of 8
     per pass over the weights, 128-wide K blocks per load round, warps splitting K and warps
     splitting rows per CTA, a register bound of `min_ctas` CTAs per SM (0: none; `register_bound`
     gives the default), and for L1 whether w1 and w3 rows go to separate warps (`split_halves`, not
     with K splitting). top_k and swiglu_limit matter to L1 (gated) only."""
-    import cutlass
-
-    from . import w4a16_mma_sm90, w4a16_sm90
-
     if not gated:
         top_k, swiglu_limit, split_halves = 1, 0.0, False  # one compiled L2 serves every MoE and dense layer
     if split_halves and warps_k != 1:
         raise ValueError("split_halves and K splitting (warps_k > 1) do not combine")
+    if kind == "gemv":
+        rows = rows or (GEMV_L1 if gated else GEMV_L2)["rows"]
+        knobs = (warps_m, warps_k, rows, n_tiles, k_unroll)
+    else:
+        knobs = (warps_m, warps_k, n_tiles, k_unroll, min_ctas, split_halves)
+    return _compile_variant(kind, (top_k, group, gated, float(swiglu_limit)), knobs, arch)
+
+
+@functools.cache
+def _compile_variant(kind: str, common: tuple, knobs: tuple, arch: str):
+    """Cached per variant however the caller spelled its arguments (arch keys the cache only)."""
+    import cutlass
+
+    from . import w4a16_mma_sm90, w4a16_sm90
+
+    gated = common[2]
     args = (fake(cutlass.Int32, None, None, 4), fake(cutlass.Int32, None, None, None, 4), fake(cutlass.Uint8, None, None, None),
             fake(cutlass.Float32, None, 2 if gated else 1), fake(cutlass.Float32, None), fake(cutlass.Int32, None),
             fake(cutlass.Int32, None), fake(cutlass.Int32, None), fake(cutlass.Int32, 1),
             fake(cutlass.Float16 if gated else cutlass.Float32, None, None))
-    common = (top_k, group, gated, float(swiglu_limit))
-    if kind == "gemv":
-        simt = w4a16_sm90
-        tiles = (simt.WARPS, simt.ROWS_L1 if gated else simt.ROWS_L2, simt.TOKEN_TILE)
-        return compile_tvm_ffi(simt.grouped_gemv, args, (*common, *tiles))
-    return compile_tvm_ffi(w4a16_mma_sm90.grouped_mma, args, (*common, warps_m, warps_k, n_tiles, k_unroll,
-                                                              min_ctas, split_halves))
+    entry = w4a16_sm90.grouped_gemv if kind == "gemv" else w4a16_mma_sm90.grouped_mma
+    return compile_tvm_ffi(entry, args, (*common, *knobs))
 
 
 GEMV_MAX_TOKENS = 1.25  # per expert: up to here the SIMT kernel is faster (H200 sweep, bench/NOTES.md)
+# The GEMV's tiling (rows per warp: L1's are w1/w3 pairs; 16-byte vectors per row and lane loaded
+# per round), from `python -m bench.moe_tiles --gemv` on an H200 (bench/NOTES.md).
+GEMV_L1 = dict(rows=4, k_unroll=2)
+GEMV_L2 = dict(rows=4, k_unroll=1)
+GEMV_WARPS = 132 * 16  # a GEMV launch with fewer warps leaves an H100/H200's memory idle
 N_TILE_CHOICES = (1, 2, 4)
 K_UNROLL_CHOICES = (1, 2)
 SPLIT_K_WARPS = 4
@@ -94,13 +107,33 @@ def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int, gated: 
     with about `tokens_per_group` tokens (static per CUDA graph: it follows from the batch size);
     gated: the L1 kernel (w1||w3 and the SwiGLU)."""
     if tokens_per_group <= GEMV_MAX_TOKENS:
-        return dict(kind="gemv")
+        return gemv_knobs(groups * rows, k, gated)
     # enough token tiles of 8 for the expected tokens (more passes re-read the weights; more
     # tiles spend registers and MMAs on absent tokens)
     n_tiles = next((n for n in N_TILE_CHOICES if 8 * n >= tokens_per_group), N_TILE_CHOICES[-1])
     # split K between warps only when the launch has too few row tiles to fill the GPU
     warps_k = SPLIT_K_WARPS if groups * rows / 16 < FEW_ROW_TILES else 1
     return dict(kind="mma", **_mma_knobs(n_tiles, 2 if k % 256 == 0 else 1, warps_k, gated))
+
+
+def gemv_knobs(rows: int, k: int, gated: bool = False) -> dict:
+    """The GEMV variant for `rows` weight rows (all groups) of K = k: the default tiling, and with
+    too few rows to give the GPU GEMV_WARPS warps (a small dense weight) K split between up to 8
+    warps of a CTA, one round of 32 vectors per row each."""
+    knobs = dict(kind="gemv", **(GEMV_L1 if gated else GEMV_L2))
+    warps, rounds = rows // knobs["rows"], k // (32 * 32)
+    warps_k = 1
+    while warps * warps_k < GEMV_WARPS and 2 * warps_k <= min(rounds, 8):
+        warps_k *= 2
+    if warps_k > 1:
+        knobs.update(warps_k=warps_k, k_unroll=1)
+    return knobs
+
+
+def gemv_variants(gated: bool = False):
+    """Every GEMV variant gemv_knobs can return (K splitting: ungated only, dense layers)."""
+    base = dict(kind="gemv", **(GEMV_L1 if gated else GEMV_L2))
+    return [base] + ([] if gated else [dict(base, warps_k=w, k_unroll=1) for w in (2, 4, 8)])
 
 
 def register_bound(gated: bool, n_tiles: int, warps_k: int, split_halves: bool) -> int:
@@ -170,7 +203,8 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
     group = 16 if fmt == "nvfp4" else 32
     arch = target_arch(device or ("cuda" if torch.cuda.is_available() else None))
     for gated in (True, False):
-        _compiled(gated, group, arch, "gemv", top_k=top_k, swiglu_limit=swiglu_limit)
+        for knobs in gemv_variants(gated):
+            _compiled(gated, group, arch, top_k=top_k, swiglu_limit=swiglu_limit, **knobs)
         for knobs in mma_variants(gated):
             _compiled(gated, group, arch, "mma", top_k=top_k, swiglu_limit=swiglu_limit, **knobs)
     if num_experts is not None:

@@ -40,13 +40,9 @@ from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from .w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair, store_output  # shared with the GEMV
+from .w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair, _e4m3_pair_to_f16x2, _ir, store_output  # shared with the GEMV
 
 ROWS = 16  # output rows per warp: the MMA's M
-
-
-def _ir(*values, loc=None, ip=None):
-    return [v.ir_value(loc=loc, ip=ip) for v in values]
 
 
 @dsl_user_op
@@ -67,14 +63,6 @@ def _hmul2(a: Int32, b: Int32, *, loc=None, ip=None) -> Int32:
     """a * b on f16x2 registers, round to nearest (subnormals kept)."""
     return Int32(mlir_llvm.inline_asm(Int32.mlir_type, _ir(a, b, loc=loc, ip=ip), "mul.rn.f16x2 $0, $1, $2;",
                                       "=r,r,r", loc=loc, ip=ip))
-
-
-@dsl_user_op
-def _e4m3_pair_to_f16x2(pair: Int32, *, loc=None, ip=None) -> Int32:
-    """The two E4M3 bytes in the low 16 bits of `pair` as an exact f16x2 (low byte in the low half)."""
-    return Int32(mlir_llvm.inline_asm(
-        Int32.mlir_type, _ir(pair, loc=loc, ip=ip),
-        "{ .reg .b16 s; cvt.u16.u32 s, $1; cvt.rn.f16x2.e4m3x2 $0, s; }", "=r,r", loc=loc, ip=ip))
 
 
 @dsl_user_op

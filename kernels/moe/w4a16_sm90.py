@@ -1,37 +1,39 @@
-"""Grouped W4A16 expert GEMMs for decode-sized batches, CuTe DSL (compiles for sm_90a and newer).
+"""Grouped W4A16 expert GEMVs for decode-sized batches, CuTe DSL (compiles for sm_90a and newer).
 
-One warp computes `rows_per_warp` output rows of one active expert for that expert's tokens: it streams the
-rows' packed E2M1 bytes once (16-byte loads, coalesced across the warp), decodes them in registers,
-applies the block scale per 16 (NVFP4, E4M3) or per 32 (MXFP4, E8M0) elements, and accumulates
-fp32 dot products with each token (up to `token_tile` at a time), reduced across the warp.
-Grid: (rows / (warps * rows_per_warp), max active experts); blocks past the device-side `num_active` exit, so the
-launch shape is static and the kernels capture into CUDA graphs.
+One warp computes `rows` output rows of one active expert for that expert's tokens (up to
+`token_tile` per pass over the weights). Lane l takes the 16-byte vectors v = l, l + 32, ... of each
+row's packed E2M1 bytes (coalesced across the warp); `k_unroll` vectors per row are loaded per round,
+with their block scales and the tokens' activations, before any of them is used, so each warp has
+k_unroll * rows * 16 bytes per lane in flight. The E2M1 pairs decode in registers, products
+accumulate in f16x2 per 16 weights and in fp32 across them, times the block scale (NVFP4: E4M3 per 16,
+MXFP4: E8M0 per 32), then a reduction across the warp. `warps_k` warps of a CTA split a row's vectors
+round by round and add their sums through shared memory in a fixed order (deterministic): a small
+dense weight, or a few experts, then still gives the GPU enough warps.
+Grid: (rows / (warps_m * rows), max active experts); CTAs past the device-side `num_active` exit, so
+the launch shape is static and the kernels capture into CUDA graphs.
 
-  L1 (`gated=True`):  h[slot, n] = w_route * silu(min(g1 * x.W1[n], L)) * clamp(g3 * x.W3[n], +-L)   (bf16)
+  L1 (`gated=True`):  h[slot, n] = w_route * silu(min(g1 * x.W1[n], L)) * clamp(g3 * x.W3[n], +-L)   (f16)
   L2 (`gated=False`): y[slot, n] = g2 * h[slot].W2[n]                                              (fp32)
 
 E2M1 decode: the 3 magnitude bits go under an f16 exponent/mantissa (value * 2^-14, subnormals
-included) and the sign on top; the 2^14 is folded into the block scale.
-E4M3 scale decode: (byte & 0x7f) << 7 is an f16 of value * 2^-8; the 2^8 is folded likewise.
+included) and the sign on top; the 2^14 is folded into the global scale in the epilogue. Block
+scales convert exactly: two E4M3 bytes with one cvt to f16x2, an E8M0 byte as an fp32 exponent.
 """
 from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float16, Float32, Int16, Int32
+from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm as mlir_llvm
-from cutlass.cutlass_dsl import dsl_user_op
+from cutlass.cutlass_dsl import T, dsl_user_op
 
 from . import activation_position
 
-# Default tiling (bench/moe_tiles.py sweeps these on a GPU). Weight rows per warp amortize each
-# warp's setup (expert, token slots) and put more independent 16-byte loads in flight per lane;
-# L1's rows come in w1/w3 pairs, so it takes fewer.
-WARPS = 4
-ROWS_L1, ROWS_L2 = 2, 4
-TOKEN_TILE = 1
 E2M1_F16_CORRECTION = 2.0**14  # decoded f16 = value * 2^-14
-E4M3_F16_CORRECTION = 2.0**8   # decoded f16 = scale * 2^-8
+
+
+def _ir(*values, loc=None, ip=None):
+    return [v.ir_value(loc=loc, ip=ip) for v in values]
 
 
 @cute.jit
@@ -47,6 +49,40 @@ def _e2m1_pair(word: Int32, j: cutlass.Constexpr) -> Int32:
     return (magnitude & 0x0E000E00) | (sign & -0x7FFF8000)  # -0x7FFF8000 == 0x80008000 as an int32
 
 
+@dsl_user_op
+def _e4m3_pair_to_f16x2(pair: Int32, *, loc=None, ip=None) -> Int32:
+    """The two E4M3 bytes in the low 16 bits of `pair` as an exact f16x2 (low byte in the low half)."""
+    return Int32(mlir_llvm.inline_asm(
+        Int32.mlir_type, _ir(pair, loc=loc, ip=ip),
+        "{ .reg .b16 s; cvt.u16.u32 s, $1; cvt.rn.f16x2.e4m3x2 $0, s; }", "=r,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def _f16x2_to_f32(h: Int32, *, loc=None, ip=None):
+    """Both halves of an f16x2 as fp32: (low, high)."""
+    res = mlir_llvm.inline_asm(
+        mlir_llvm.StructType.get_literal([T.f32()] * 2), _ir(h, loc=loc, ip=ip),
+        "{ .reg .f16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }", "=f,=f,r",
+        loc=loc, ip=ip)
+    return tuple(Float32(mlir_llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2))
+
+
+@dsl_user_op
+def _hfma2(a: Int32, b: Int32, c: Int32, *, loc=None, ip=None) -> Int32:
+    """a * b + c on f16x2 registers."""
+    return Int32(mlir_llvm.inline_asm(Int32.mlir_type, _ir(a, b, c, loc=loc, ip=ip),
+                                      "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def _f16x2_sum(h: Int32, *, loc=None, ip=None) -> Float32:
+    """lo + hi of an f16x2, in fp32."""
+    return Float32(mlir_llvm.inline_asm(
+        Float32.mlir_type, _ir(h, loc=loc, ip=ip),
+        "{ .reg .f16 lo, hi; .reg .f32 a, b; mov.b32 {lo, hi}, $1; cvt.f32.f16 a, lo; cvt.f32.f16 b, hi; "
+        "add.f32 $0, a, b; }", "=f,r", loc=loc, ip=ip))
+
+
 @cute.jit
 def store_output(out: cute.Tensor, slot: Int32, n: Int32, acc: Float32, acc_up: Float32, scale: Float32,
                  scale_up: Float32, route_weight: Float32, gated: cutlass.Constexpr, swiglu_limit: cutlass.Constexpr):
@@ -57,35 +93,61 @@ def store_output(out: cute.Tensor, slot: Int32, n: Int32, acc: Float32, acc_up: 
         gate = cutlass.min(acc * scale, Float32(swiglu_limit))
         up = cutlass.max(cutlass.min(acc_up * scale_up, Float32(swiglu_limit)), Float32(-swiglu_limit))
         silu = gate / (Float32(1.0) + cute.math.exp(-gate))
-        out[slot, activation_position(n)] = (route_weight * silu * up).to(Float16)
+        out[slot, activation_position(n)] = (route_weight * silu * up).to(cutlass.Float16)
     else:
         out[slot, n] = acc * scale
 
 
-@dsl_user_op
-def _hfma2(a: Int32, b: Int32, c: Int32, *, loc=None, ip=None) -> Int32:
-    """a * b + c on f16x2 registers."""
-    return Int32(mlir_llvm.inline_asm(Int32.mlir_type, [a.ir_value(loc=loc, ip=ip), b.ir_value(loc=loc, ip=ip),
-                                                        c.ir_value(loc=loc, ip=ip)],
-                                      "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", loc=loc, ip=ip))
-
-
-@dsl_user_op
-def _f16x2_sum(h: Int32, *, loc=None, ip=None) -> Float32:
-    """lo + hi of an f16x2, in fp32."""
-    return Float32(mlir_llvm.inline_asm(
-        Float32.mlir_type, [h.ir_value(loc=loc, ip=ip)],
-        "{ .reg .f16 lo, hi; .reg .f32 a, b; mov.b32 {lo, hi}, $1; cvt.f32.f16 a, lo; cvt.f32.f16 b, hi; "
-        "add.f32 $0, a, b; }", "=f,r", loc=loc, ip=ip))
+@cute.jit
+def _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, wq, sc, xq, nvfp4: cutlass.Constexpr,
+                halves: cutlass.Constexpr, rows: cutlass.Constexpr, token_tile: cutlass.Constexpr,
+                k_unroll: cutlass.Constexpr):
+    """Every load of one round into registers: vectors v0 + 32u of the warp's weight rows, their block
+    scales as fp32 (a vector past the row's end reads the last one with zero scales: adds nothing),
+    and the tokens' activations for them."""
+    for u in cutlass.range_constexpr(k_unroll):
+        v = cutlass.min(v0 + 32 * u, n_vecs - 1)
+        keep = Float32(1.0) if v0 + 32 * u < n_vecs else Float32(0.0)
+        for r in cutlass.range_constexpr(rows):
+            for half in cutlass.range_constexpr(halves):
+                row = n0 + r + half * n_out
+                vec = w_vecs[e, row, v, None].load()
+                for q in cutlass.range_constexpr(4):
+                    wq[u, r, half, q] = vec[q]
+                if cutlass.const_expr(nvfp4):  # the vector's 2 scale bytes are adjacent: one 16-bit load
+                    s0, s1 = _f16x2_to_f32(_e4m3_pair_to_f16x2(Int32(lane_scales[e, row, v])))
+                    sc[u, r, half, 0] = s0 * keep
+                    sc[u, r, half, 1] = s1 * keep
+                else:  # E8M0 2^(byte - 127) (code 0 reads as 0)
+                    sc[u, r, half, 0] = Int32(Int32(lane_scales[e, row, v]) << 23).bitcast(Float32) * keep
+        for tt in cutlass.range_constexpr(token_tile):
+            for q in cutlass.range_constexpr(4):
+                # logical vector 4v + q: chunk v % 4 of K block v // 4, in activation order
+                xv = x_vecs[xrow[tt], (v // 4) * 16 + 4 * q + v % 4, None].load()  # 4 f16x2
+                for j in cutlass.range_constexpr(4):
+                    xq[u, tt, q, j] = xv[j]
 
 
 @cute.jit
-def _block_scale(byte: Int32, nvfp4: cutlass.Constexpr) -> Float32:
-    """A block scale byte as fp32, including the E2M1 decode correction."""
-    if cutlass.const_expr(nvfp4):
-        s = Int16((byte & 0x7F) << 7).bitcast(Float16).to(Float32)
-        return s * (E2M1_F16_CORRECTION * E4M3_F16_CORRECTION)
-    return Int32(byte << 23).bitcast(Float32) * E2M1_F16_CORRECTION  # E8M0 (code 0 reads as 0)
+def _dot_round(wq, sc, xq, acc, n_valid, nvfp4: cutlass.Constexpr, halves: cutlass.Constexpr,
+               rows: cutlass.Constexpr, token_tile: cutlass.Constexpr, k_unroll: cutlass.Constexpr):
+    """The products of one round: per 16 weights (an NVFP4 block) an f16x2 chain of 8 FMAs, then fp32."""
+    for u in cutlass.range_constexpr(k_unroll):
+        for b in cutlass.range_constexpr(2):  # words 2b, 2b+1: weights 16b..16b+15 of the vector's 32
+            for tt in cutlass.range_constexpr(token_tile):
+                if tt == 0 or tt < n_valid:  # a tile's first token is always there: no branch
+                    for r in cutlass.range_constexpr(rows):
+                        for half in cutlass.range_constexpr(halves):
+                            dot = Int32(0)
+                            for q in cutlass.range_constexpr(2 * b, 2 * b + 2):
+                                for j in cutlass.range_constexpr(4):
+                                    dot = _hfma2(_e2m1_pair(wq[u, r, half, q], j), xq[u, tt, q, j], dot)
+                            acc[tt, r, half] = acc[tt, r, half] + _f16x2_sum(dot) * sc[u, r, half, b if nvfp4 else 0]
+
+
+def _acc_coord(i: int, rows: int, halves: int) -> tuple:
+    """Accumulator i's (token, row, half)."""
+    return i // (rows * halves), (i // halves) % rows, i % halves
 
 
 @cute.kernel
@@ -104,78 +166,81 @@ def _grouped_gemv_kernel(
     group: cutlass.Constexpr,
     gated: cutlass.Constexpr,
     swiglu_limit: cutlass.Constexpr,
-    warps: cutlass.Constexpr,
-    rows_per_warp: cutlass.Constexpr,
+    warps_m: cutlass.Constexpr,
+    warps_k: cutlass.Constexpr,
+    rows: cutlass.Constexpr,
     token_tile: cutlass.Constexpr,
+    k_unroll: cutlass.Constexpr,
 ):
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     bx, by, _ = cute.arch.block_idx()
+    wm = warp % warps_m  # this warp's rows within the CTA's
+    wk = warp // warps_m  # and its share of the rounds
     n_out = out.shape[1]
-    n0 = (bx * warps + warp) * rows_per_warp  # first of this warp's rows (n_out is a multiple of rows_per_warp)
-    if by < num_active[0] and n0 < n_out:
+    n0 = (bx * warps_m + wm) * rows  # first of this warp's rows (n_out is a multiple of `rows`)
+    nvfp4 = group == 16
+    halves = 2 if gated else 1
+    n_acc = token_tile * rows * halves
+    # NVFP4: [E, N, K/32] 16-bit words, a vector's 2 scale bytes; MXFP4: the bytes, 1 per vector
+    lane_scales = cute.recast_tensor(scales, cutlass.Uint16) if cutlass.const_expr(nvfp4) else scales
+    smem = cutlass.memory.SmemAllocator()
+    partial = smem.allocate_tensor(Float32, cute.make_layout((warps_k, warps_m, n_acc)), 16)
+    if by < num_active[0]:  # uniform per CTA: every warp reaches the barriers below
         e = active_experts[by]
         s0 = active_start[by]
         s1 = active_start[by + 1]
         n_vecs = w_vecs.shape[2]
-        halves = 2 if gated else 1
-        for t0 in cutlass.range(s0, s1, token_tile):
+        rows_here = n0 < n_out  # warp-uniform
+        for t0 in cutlass.range(s0, s1, token_tile, unroll=1):
             n_valid = cutlass.min(s1 - t0, token_tile)  # warp-uniform
-            acc = cute.make_rmem_tensor((token_tile, rows_per_warp, 2), Float32)
-            acc.fill(0.0)
-            rows = cute.make_rmem_tensor((token_tile,), Int32)
+            xrow = cute.make_rmem_tensor((token_tile,), Int32)
             for tt in cutlass.range_constexpr(token_tile):
                 slot = sorted_slots[cutlass.min(t0 + tt, s1 - 1)]
-                if cutlass.const_expr(gated):
-                    rows[tt] = slot // top_k
-                else:
-                    rows[tt] = slot
-            for v in cutlass.range(lane, n_vecs, 32):
-                # 16-byte loads: 32 weights of every row (2 NVFP4 blocks or 1 MXFP4 block) and their scales.
-                wq = cute.make_rmem_tensor((rows_per_warp, 2, 4), Int32)
-                sv = cute.make_rmem_tensor((rows_per_warp, 2, 2), Float32)
-                for r in cutlass.range_constexpr(rows_per_warp):
-                    for half in cutlass.range_constexpr(halves):
-                        wrow = n0 + r + half * n_out
-                        vec = w_vecs[e, wrow, v, None].load()
-                        for q in cutlass.range_constexpr(4):
-                            wq[r, half, q] = vec[q]
-                        for b in cutlass.range_constexpr(32 // group):
-                            sv[r, half, b] = _block_scale(Int32(scales[e, wrow, v * (32 // group) + b]), group == 16)
-                for q in cutlass.range_constexpr(4):  # word q: weights 8q..8q+7 of the 32
-                    for tt in cutlass.range_constexpr(token_tile):
-                        if tt < n_valid:
-                            # logical vector 4v + q: chunk v % 4 of K block v // 4, in activation order
-                            xvec = x_vecs[rows[tt], (v // 4) * 16 + 4 * q + v % 4, None].load()  # 4 f16x2
-                            for r in cutlass.range_constexpr(rows_per_warp):
-                                for half in cutlass.range_constexpr(halves):
-                                    dot = Int32(0)
-                                    for j in cutlass.range_constexpr(4):
-                                        dot = _hfma2(_e2m1_pair(wq[r, half, q], j), xvec[j], dot)
-                                    acc[tt, r, half] = acc[tt, r, half] + _f16x2_sum(dot) * sv[
-                                        r, half, q // 2 if group == 16 else 0]
-            for tt in cutlass.range_constexpr(token_tile):
-                for r in cutlass.range_constexpr(rows_per_warp):
-                    for half in cutlass.range_constexpr(halves):
-                        acc[tt, r, half] = cute.arch.warp_reduction_sum(acc[tt, r, half])
-            if lane == 0:
+                xrow[tt] = slot // top_k if cutlass.const_expr(gated) else slot
+            acc = cute.make_rmem_tensor((token_tile, rows, halves), Float32)
+            acc.fill(0.0)
+            if rows_here:
+                wq = cute.make_rmem_tensor((k_unroll, rows, halves, 4), Int32)
+                sc = cute.make_rmem_tensor((k_unroll, rows, halves, 2), Float32)
+                xq = cute.make_rmem_tensor((k_unroll, token_tile, 4, 4), Int32)
+                for v0 in cutlass.range(wk * 32 * k_unroll + lane, n_vecs, warps_k * 32 * k_unroll, unroll=1):
+                    _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, wq, sc, xq, nvfp4,
+                                halves, rows, token_tile, k_unroll)
+                    _dot_round(wq, sc, xq, acc, n_valid, nvfp4, halves, rows, token_tile, k_unroll)
+                for i in cutlass.range_constexpr(n_acc):
+                    acc[_acc_coord(i, rows, halves)] = cute.arch.warp_reduction_sum(acc[_acc_coord(i, rows, halves)])
+            if cutlass.const_expr(warps_k > 1):
+                # The other K shares hand their sums over in shared memory; the first adds them in order.
+                if wk > 0 and lane == 0:
+                    for i in cutlass.range_constexpr(n_acc):
+                        partial[wk, wm, i] = acc[_acc_coord(i, rows, halves)]
+                cute.arch.sync_threads()
+                if wk == 0 and lane == 0:
+                    for i in cutlass.range_constexpr(n_acc):
+                        for w in cutlass.range_constexpr(1, warps_k):
+                            acc[_acc_coord(i, rows, halves)] = acc[_acc_coord(i, rows, halves)] + partial[w, wm, i]
+                cute.arch.sync_threads()  # read before the next token tile writes them
+            if rows_here and wk == 0 and lane == 0:
+                up = halves - 1
                 for tt in cutlass.range_constexpr(token_tile):
                     if t0 + tt < s1:
                         slot = sorted_slots[t0 + tt]
-                        for r in cutlass.range_constexpr(rows_per_warp):
-                            half = 1 if cutlass.const_expr(gated) else 0
-                            store_output(out, slot, n0 + r, acc[tt, r, 0], acc[tt, r, half], gscale[e, 0],
-                                         gscale[e, half], route_w[slot], gated, swiglu_limit)
+                        for r in cutlass.range_constexpr(rows):
+                            store_output(out, slot, n0 + r, acc[tt, r, 0], acc[tt, r, up],
+                                         gscale[e, 0] * E2M1_F16_CORRECTION, gscale[e, up] * E2M1_F16_CORRECTION,
+                                         route_w[slot], gated, swiglu_limit)
 
 
 @cute.jit
 def grouped_gemv(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start, num_active,
                  out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
-                 swiglu_limit: cutlass.Constexpr, warps: cutlass.Constexpr, rows_per_warp: cutlass.Constexpr,
-                 token_tile: cutlass.Constexpr):
-    rows = out.shape[1]
+                 swiglu_limit: cutlass.Constexpr, warps_m: cutlass.Constexpr, warps_k: cutlass.Constexpr,
+                 rows: cutlass.Constexpr, token_tile: cutlass.Constexpr, k_unroll: cutlass.Constexpr):
+    n_out = out.shape[1]
     _grouped_gemv_kernel(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start,
-                         num_active, out, top_k, group, gated, swiglu_limit, warps, rows_per_warp, token_tile).launch(
-        grid=[(rows + warps * rows_per_warp - 1) // (warps * rows_per_warp), active_experts.shape[0], 1],
-        block=[32 * warps, 1, 1],
+                         num_active, out, top_k, group, gated, swiglu_limit, warps_m, warps_k, rows, token_tile,
+                         k_unroll).launch(
+        grid=[(n_out + warps_m * rows - 1) // (warps_m * rows), active_experts.shape[0], 1],
+        block=[32 * warps_m * warps_k, 1, 1],
         stream=stream)

@@ -162,3 +162,44 @@ def test_l1_with_halves_in_separate_warps_gives_the_same_h(fmt_name, t):
                d.sorted_slots, d.active_experts, d.active_start, d.num_active, h)
         hs.append(h)
     assert not hs[0].isnan().any() and torch.equal(hs[0], hs[1])
+
+
+GEMV_TILINGS = [dict(rows=1, k_unroll=1), dict(rows=2, k_unroll=4), dict(rows=4, k_unroll=1), dict(rows=8, k_unroll=2),
+                dict(rows=4, k_unroll=2, n_tiles=2), dict(rows=2, k_unroll=1, warps_k=4)]
+
+
+@pytest.mark.parametrize("fmt_name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("tiling", GEMV_TILINGS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
+def test_every_gemv_tiling_computes_the_default_ones_result(fmt_name, tiling):
+    """Rows per warp, vectors per round and tokens per pass change no lane's order of summation:
+    L1's h and L2's y bit for bit the default's. K split between warps adds their sums in a fixed
+    order: within fp32 rounding. T = 8 (experts with one and with two tokens) on the tiny shape's
+    single K block too, where a round runs past the row's end."""
+    from kernels.cute_compile import target_arch
+    from kernels.moe import _compiled, _vecs, dispatch_fused, pair_order
+    group = 16 if fmt_name == "nvfp4" else 32
+    for shape in ("flash", "tiny"):
+        hidden, inter, n_exp, k = SHAPES[shape]
+        st = random_stacked(hidden, inter, n_exp, fmt_name, seed=3)
+        t = 8
+        x = torch.randn(t, hidden, device="cuda", generator=torch.Generator(device="cuda").manual_seed(4))
+        w, ids = routing(t, n_exp, k, seed=5)
+        d = dispatch_fused(ids, n_exp)
+        common = (w.reshape(-1).float().contiguous(), d.sorted_slots, d.active_experts, d.active_start, d.num_active)
+        h_in = torch.randn(t * k, inter, device="cuda", generator=torch.Generator(device="cuda").manual_seed(6)).half()
+        outs = []
+        for knobs in (dict(), tiling):
+            l1 = _compiled(True, group, target_arch(x.device), "gemv", top_k=k, swiglu_limit=10.0,
+                           **{key: v for key, v in knobs.items() if key != "rows" or v <= 4})
+            l2 = _compiled(False, group, target_arch(x.device), "gemv", **knobs)
+            h = torch.full((t * k, inter), float("nan"), dtype=torch.float16, device="cuda")
+            y = torch.full((t * k, hidden), float("nan"), device="cuda")
+            l1(_vecs(pair_order(x)), _vecs(st.w13), st.s13, st.g13, *common, h)
+            l2(_vecs(h_in), _vecs(st.w2), st.s2, st.g2.view(-1, 1), *common, y)
+            outs.append((h, y))
+        (h0, y0), (h1, y1) = outs
+        assert not h0.isnan().any() and not y0.isnan().any()
+        if tiling.get("warps_k", 1) == 1:
+            assert torch.equal(h0, h1) and torch.equal(y0, y1)
+        else:
+            assert rel_err(h1.float(), h0.float()) < 1e-3 and rel_err(y1, y0) < 1e-5

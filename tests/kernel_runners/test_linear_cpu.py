@@ -143,3 +143,34 @@ def test_dense_w4a16_rejects_shapes_it_cannot_split_into_groups():
         w4a16_launch_args(torch.randn(2, 300), w)
     with pytest.raises(ValueError, match="rows per group % 64 == 0"):
         w4a16_launch_args(torch.randn(2, 4 * 256), w, groups=4)  # 32 rows per group
+
+
+def test_small_fp32_linear_plans_and_compiles_for_sm90a():
+    """Every variant the planner picks for the V4 shapes linear_f32 serves at 1 to 16 tokens, BF16 and
+    fp32 weights, compiles for sm_90a; the planner splits K only as far as each warp keeps a round."""
+    from kernels.linear import small_linear_plan
+    assert small_linear_plan(1, 2048, 4096, True) == (1, 8)   # 512 warp rows: K split 8 ways, 2 rounds each
+    assert small_linear_plan(9, 64, 128, False) == (16, 1)    # the tiny model's K gives one round
+    assert small_linear_plan(8, 65536, 4096, True) == (8, 1)  # rows enough
+    code = ("from kernels.linear import _compiled_small_linear, small_linear_plan\n"
+            "from tests.gpu.test_linear_f32 import SHAPES\n"
+            "plans = {(b, *small_linear_plan(t, n, k, b)) for n, k in SHAPES.values() for t in range(1, 17)\n"
+            "         for b in (True, False)}\n"
+            "for bf16, tokens, warps_k in sorted(plans):\n"
+            "    _compiled_small_linear(bf16, warps_k, tokens, 'sm_90a')\n"
+            "print(f'compiled {len(plans)} variants')\n")
+    assert "variants" in compile_for("sm_90a", code)
+
+
+def test_small_fp32_linear_off_the_gpu_is_its_twin():
+    """On the CPU (and past 16 tokens) torch.ops.dsv4.linear_f32 is F.linear in fp32 math, eagerly and
+    from compiled code."""
+    import torch.nn.functional as F
+    from kernels.linear import linear_f32_ref
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g).bfloat16()
+    x = torch.randn(5, 128, generator=g)
+    assert torch.equal(torch.ops.dsv4.linear_f32(x, w), F.linear(x, w.float()))
+    assert torch.equal(linear_f32_ref(x, w), F.linear(x, w.float()))
+    compiled = torch.compile(lambda a: torch.ops.dsv4.linear_f32(a, w) * 2, dynamic=True)
+    assert torch.allclose(compiled(x), 2 * F.linear(x, w.float()))

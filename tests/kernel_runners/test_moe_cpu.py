@@ -87,12 +87,13 @@ def test_twin_matches_a_per_token_loop(fmt):
 
 def test_every_kernel_variant_compiles_for_sm90a():
     """Both formats: the SIMT GEMV and every tensor-core variant `gemm_config` can pick, L1 and L2."""
-    from kernels.moe import mma_variants
-    out = compile_for("sm_90a", "from kernels.moe import compile_kernels, _compiled\n"
+    from kernels.moe import gemv_variants, mma_variants
+    out = compile_for("sm_90a", "from kernels.moe import compile_kernels, _compile_variant\n"
                                 "for fmt in ('nvfp4', 'mxfp4'):\n"
                                 "    compile_kernels(fmt, 6, 10.0)\n"
-                                "print(f'compiled {_compiled.cache_info().currsize} variants')\n", timeout=900)
-    per_format = 2 * (1 + len(mma_variants()))  # L1 and L2: the GEMV and each tensor-core variant
+                                "print(f'compiled {_compile_variant.cache_info().currsize} variants')\n", timeout=900)
+    # L1 and L2: the GEMV variants and each tensor-core variant
+    per_format = sum(len(gemv_variants(g)) + len(mma_variants(g)) for g in (True, False))
     assert f"compiled {2 * per_format} variants" in out
 
 
@@ -122,7 +123,11 @@ def test_kernel_variant_follows_the_expected_tokens_per_expert():
     from kernels.moe import expected_active_experts, gemm_config
     assert expected_active_experts(1, 6, 256) == pytest.approx(6)
     assert expected_active_experts(4096, 6, 256) == pytest.approx(256)
-    assert gemm_config(1.0, 6, 2048, 4096) == {"kind": "gemv"}
+    assert gemm_config(1.0, 6, 2048, 4096) == {"kind": "gemv", "rows": 4, "k_unroll": 1}
+    # a small dense weight at one token: K split between the warps of a CTA, one round each
+    assert gemm_config(1, 1, 1024, 4096) == {"kind": "gemv", "rows": 4, "k_unroll": 1, "warps_k": 4}
+    assert gemm_config(1, 1, 4096, 8192) == {"kind": "gemv", "rows": 4, "k_unroll": 1, "warps_k": 4}
+    assert gemm_config(1.0, 6, 2048, 4096, gated=True) == {"kind": "gemv", "rows": 4, "k_unroll": 2}
     big = gemm_config(3.1, 244, 2048, 4096)
     assert big == {"kind": "mma", "n_tiles": 1, "k_unroll": 2, "warps_k": 1, "min_ctas": 6}  # L2: bounded
     assert gemm_config(3.1, 244, 2048, 4096, gated=True) == dict(big, split_halves=True, min_ctas=3)  # L1
