@@ -7,10 +7,12 @@ only kernels launched through torch are attributed (the CuTe DSL runners' launch
 op: find them in the per-kernel table).
 
     python -m bench.decode_profile [--layers 2] [--batch 1[,8,...]] [--pieces eager|compiled] [--eager-step]
-                                   [--trace DIR]
+                                   [--trace DIR [--timeline US]]
 
 --trace writes each profiled step as a Chrome trace (DIR/step-b{batch}.json: every kernel with its
-start, duration and stream), to read which kernels overlap and which wait.
+start, duration and stream), to read which kernels overlap and which wait; --timeline US also
+prints from it each stream's busy time and every kernel of at least US microseconds in start order
+(`python -m bench.decode_profile --timeline US FILE.json` reads a saved trace).
 """
 import argparse
 import os
@@ -31,7 +33,6 @@ from bench.timing import require_gpu
 
 
 def main():
-    require_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", default="1", help="batch sizes, comma-separated; one profile each")
@@ -40,7 +41,13 @@ def main():
     p.add_argument("--eager-step", action="store_true", help="profile an eager step instead of a graph replay")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--trace", help="a directory for the Chrome trace of each profiled step")
+    p.add_argument("--timeline", type=float, help="print each trace's kernels of at least this many us in order")
+    p.add_argument("saved", nargs="?", help="a saved trace to print the timeline of (no GPU needed)")
     a = p.parse_args()
+    if a.saved:
+        print_timeline(a.saved, a.timeline or 0.0)
+        return
+    require_gpu()
     with tempfile.TemporaryDirectory() as tmp:
         ck = load_checkpoint(generate(f"{tmp}/c", flavor="nvidia-nvfp4", size="flash-shaped", layers=a.layers,
                                       device="cuda"))
@@ -76,6 +83,8 @@ def profile_step(model, a, b: int) -> None:
     if a.trace:
         os.makedirs(a.trace, exist_ok=True)
         prof.export_chrome_trace(os.path.join(a.trace, f"step-b{b}.json"))
+        if a.timeline is not None:
+            print_timeline(os.path.join(a.trace, f"step-b{b}.json"), a.timeline)
     events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     launches = sum(e.count for e in events)
@@ -90,6 +99,28 @@ def profile_step(model, a, b: int) -> None:
               f"| {e.device_time_total / total:.1%} |")
     if a.eager_step:
         print_by_piece(prof, a.layers)
+
+
+def timeline(trace: dict, min_us: float) -> tuple[dict, list]:
+    """A Chrome trace's GPU work -> ({stream: busy us}, [(start us from the first, duration us,
+    stream, name)] of every kernel or copy of at least min_us, in start order)."""
+    work = sorted((e for e in trace["traceEvents"] if e.get("ph") == "X"
+                   and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    busy = defaultdict(float)
+    for e in work:
+        busy[e["args"].get("stream")] += e["dur"]
+    t0 = work[0]["ts"] if work else 0.0
+    return dict(busy), [(e["ts"] - t0, e["dur"], e["args"].get("stream"), e["name"]) for e in work
+                        if e["dur"] >= min_us]
+
+
+def print_timeline(path: str, min_us: float) -> None:
+    import json
+    with open(path) as f:
+        busy, kernels = timeline(json.load(f), min_us)
+    print(f"\n{path}: busy us per stream {({s: round(t) for s, t in busy.items()})}; kernels of {min_us:g} us and more:")
+    for start, dur, stream, name in kernels:
+        print(f"{start:9.1f} {dur:7.1f} s{stream} {name[:110]}")
 
 
 # What an eager step's kernels are attributed to: the innermost of these calls that launched them.
