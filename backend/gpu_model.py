@@ -20,7 +20,6 @@ import re
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from kernels import attention, dispatch, mhc
 from kernels.attention import sparse_mqa_decode
@@ -230,10 +229,8 @@ class DeepseekV4Gpu(DeepseekV4):
         copies each slot's whole window out and back (for ratio 128, 512 KB per sequence). The
         overlapping windows (ratio 4) still move their halves when a window closes."""
         p = pos[:, 0]
-        if wgate is None:  # stacked: one kernel (fp32 math) for both
-            kv_new, score_new = torch.ops.dsv4.linear_f32(x[:, 0], wkv).chunk(2, dim=-1)
-        else:
-            kv_new, score_new = (t[:, 0] for t in compressor_projections(x, wkv, wgate))
+        projections = compressor_projections(x, wkv, wgate, linear=torch.ops.dsv4.linear_f32)  # fp32 math
+        kv_new, score_new = (t[:, 0] for t in projections)
         row = window_row(p, ratio)
         kv_state_all[slots, row] = kv_new
         score_state_all[slots, row] = score_new + ape[p % ratio]
@@ -373,18 +370,17 @@ class DeepseekV4Gpu(DeepseekV4):
         the scores, where topk launches a selection and a sort (H200, batch 1: 12.6 us). The gate's
         fp32 GEMV runs on kernels.linear.linear_f32 (hash layers too): on an H200 at batch 8 cuBLAS
         took 21 us for this 4 MB and Inductor's multiply-sum 13.5 us (bench/NOTES.md)."""
-        a = self.args
-        scores = F.softplus(torch.ops.dsv4.linear_f32(x, gate)).sqrt()             # [T, E] fp32
-        if hashed:
-            experts = choice[input_ids].long()
-        else:
-            biased, ids, picks = scores + choice, torch.arange(scores.shape[-1], device=x.device), []
-            for _ in range(a.num_experts_per_tok):
-                picks.append(biased.argmax(-1, keepdim=True))
-                biased = biased.masked_fill(ids == picks[-1], float("-inf"))
-            experts = torch.cat(picks, dim=-1)
-        weights = scores.gather(1, experts)
-        return weights / weights.sum(-1, keepdim=True) * a.routed_scaling_factor, experts
+        return DeepseekV4.routing(self, x, gate, choice, input_ids, hashed, linear=torch.ops.dsv4.linear_f32,
+                                  top_k=self.top_k_by_argmax)
+
+    @staticmethod
+    def top_k_by_argmax(biased: torch.Tensor, k: int) -> torch.Tensor:
+        """torch.topk's indices of the k largest (ties aside) as k successive argmaxes, each masking its pick."""
+        ids, picks = torch.arange(biased.shape[-1], device=biased.device), []
+        for _ in range(k):
+            picks.append(biased.argmax(-1, keepdim=True))
+            biased = biased.masked_fill(ids == picks[-1], float("-inf"))
+        return torch.cat(picks, dim=-1)
 
     @staticmethod
     def combine_experts(routed: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:

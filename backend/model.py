@@ -190,12 +190,19 @@ def sparse_mqa_decode_reference(q: torch.Tensor, ring: torch.Tensor, entries: to
 # State
 # ---------------------------------------------------------------------------------------------
 
-def compressor_projections(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor | None):
+def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear in fp32 math, as DeepSeek's reference multiplies its small BF16 linears (the gate,
+    the compressors, the indexer's weights_proj). The methods that call it take another runner of
+    the same math as `linear` (a subclass's kernel)."""
+    return F.linear(wide(x), wide(w))
+
+
+def compressor_projections(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor | None, linear=fp32_linear):
     """A compressor's kv and score projections of x [B, S, D] in fp32 math (wgate None: wkv holds
     wkv's rows, then wgate's: one GEMM)."""
     if wgate is None:
-        return F.linear(wide(x), wide(wkv)).chunk(2, dim=-1)
-    return F.linear(wide(x), wide(wkv)), F.linear(wide(x), wide(wgate))
+        return linear(x, wkv).chunk(2, dim=-1)
+    return linear(x, wkv), linear(x, wgate)
 
 
 def window_row(p: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -457,15 +464,15 @@ class DeepseekV4:
         return x @ self._hadamard
 
     def index_queries(self, q: torch.Tensor, x: torch.Tensor, weights_proj: torch.Tensor, pos: torch.Tensor,
-                      rotation=None, linear=F.linear):
+                      rotation=None, linear=fp32_linear):
         """The index heads' (held here) queries q [B, S, Hi, Di] after RoPE (and the QAT's rotation
         and FP4 rounding), and their weights [B, S, Hi] from x (`rotation`: another form of
-        qat_rotation; `linear`: another runner of the fp32-math F.linear)."""
+        qat_rotation; `linear`: another runner of fp32_linear)."""
         a = self.args
         q = apply_rope(q, pos, self.freqs[True], a.qk_rope_head_dim)
         if self.simulate_qat:
             q = fp4_qdq((rotation or self.qat_rotation)(q), INDEXER_QAT_BLOCK)
-        weights = linear(wide(x), weights_proj) * (a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)
+        weights = linear(x, weights_proj) * (a.index_head_dim ** -0.5 * a.index_n_heads ** -0.5)
         return q, weights
 
     @staticmethod
@@ -582,14 +589,17 @@ class DeepseekV4:
         return self.routing(x, self.w[f"{prefix}gate.weight"], choice, input_ids, hashed)
 
     def routing(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, input_ids: torch.Tensor,
-                hashed: bool):
+                hashed: bool, linear=fp32_linear, top_k=None):
         """sqrt(softplus) scores (the BF16 gate in fp32 math, as the compressors' and the indexer's
         small linears, DeepSeek-style); experts from the token's row of the hash table `choice`
-        (hash layers) or the top-k of scores + bias `choice`."""
+        (hash layers) or the top-k of scores + bias `choice` (`top_k(biased, k)`: another way to
+        the indices torch.topk gives; `linear`: another runner of fp32_linear)."""
         a = self.args
-        scores = F.softplus(F.linear(wide(x), gate)).sqrt()                        # [T, E] fp32
+        scores = F.softplus(linear(x, gate)).sqrt()                                # [T, E] fp32
         if hashed:
             experts = choice[input_ids].long()
+        elif top_k is not None:
+            experts = top_k(scores + choice, a.num_experts_per_tok)
         else:
             experts = (scores + choice).topk(a.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, experts)

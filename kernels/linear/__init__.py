@@ -120,7 +120,6 @@ def linear_w4a16(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 SMALL_LINEAR_TOKENS = (1, 2, 4, 8, 16)  # compiled variants' static token counts; above: F.linear
-SMALL_LINEAR_WARPS = 132 * 16  # a launch with fewer warps leaves an H100/H200's memory idle
 
 
 def linear_f32_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -130,14 +129,11 @@ def linear_f32_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def small_linear_plan(tokens: int, n: int, k: int, bf16: bool) -> tuple[int, int]:
     """(static token count, warps splitting K) of the kernel for `tokens` x [n, k]: enough warps
-    for the memory, each with at least one round of 32 vectors."""
+    for the memory, each with at least one round of 32 vectors (kernels.moe.split_k_warps)."""
+    from ..moe import split_k_warps
     from .small_f32_sm90 import ROWS
     max_tokens = next(t for t in SMALL_LINEAR_TOKENS if t >= tokens)
-    warps, rounds = n // ROWS, k // (8 if bf16 else 4) // 32
-    warps_k = 1
-    while warps * warps_k < SMALL_LINEAR_WARPS and 2 * warps_k <= min(rounds, 8):
-        warps_k *= 2
-    return max_tokens, warps_k
+    return max_tokens, split_k_warps(n // ROWS, k // (8 if bf16 else 4) // 32)
 
 
 @functools.cache

@@ -76,7 +76,7 @@ GEMV_MAX_TOKENS = 1.25  # per expert: up to here the SIMT kernel is faster (H200
 # per round), from `python -m bench.moe_tiles --gemv` on an H200 (bench/NOTES.md).
 GEMV_L1 = dict(rows=4, k_unroll=2)
 GEMV_L2 = dict(rows=4, k_unroll=1)
-GEMV_WARPS = 132 * 16  # a GEMV launch with fewer warps leaves an H100/H200's memory idle
+MEMORY_WARPS = 132 * 16  # a streaming launch with fewer warps leaves an H100/H200's memory idle
 N_TILE_CHOICES = (1, 2, 4)
 K_UNROLL_CHOICES = (1, 2)
 SPLIT_K_WARPS = 4
@@ -116,15 +116,22 @@ def gemm_config(tokens_per_group: float, groups: int, rows: int, k: int, gated: 
     return dict(kind="mma", **_mma_knobs(n_tiles, 2 if k % 256 == 0 else 1, warps_k, gated))
 
 
+def split_k_warps(row_warps: float, rounds: int) -> int:
+    """How many warps (1 to 8, a power of two) should split each row's K in a streaming launch of
+    `row_warps` warps' worth of rows with `rounds` rounds of 32 vectors per row: enough for
+    MEMORY_WARPS warps in all, each keeping at least one round. The SIMT GEMV and linear_f32 use it."""
+    warps_k = 1
+    while row_warps * warps_k < MEMORY_WARPS and 2 * warps_k <= min(rounds, 8):
+        warps_k *= 2
+    return warps_k
+
+
 def gemv_knobs(rows: int, k: int, gated: bool = False) -> dict:
     """The GEMV variant for `rows` weight rows (all groups) of K = k: the default tiling, and with
-    too few rows to give the GPU GEMV_WARPS warps (a small dense weight) K split between up to 8
-    warps of a CTA, one round of 32 vectors per row each."""
+    too few rows to fill the memory (a small dense weight) K split between warps of a CTA
+    (split_k_warps), one round of 32 vectors per row each."""
     knobs = dict(kind="gemv", **(GEMV_L1 if gated else GEMV_L2))
-    warps, rounds = rows // knobs["rows"], k // (32 * 32)
-    warps_k = 1
-    while warps * warps_k < GEMV_WARPS and 2 * warps_k <= min(rounds, 8):
-        warps_k *= 2
+    warps_k = split_k_warps(rows // knobs["rows"], k // (32 * 32))
     if warps_k > 1:
         knobs.update(warps_k=warps_k, k_unroll=1)
     return knobs
