@@ -24,7 +24,7 @@ import itertools
 import torch
 
 from ..cute_compile import compile_tvm_ffi, fake, target_arch
-from .experts import StackedExperts, moe_w4a16_ref, stack_experts, unstack
+from .experts import StackedExperts, moe_w4a16_ref, slot_outputs, stack_experts, unstack
 from .routing import Dispatch, dispatch, route_hash, route_topk
 
 __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "unstack", "dispatch", "Dispatch",
@@ -265,4 +265,4 @@ def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, sta
     l1, l2 = moe_kernels(stacked, t, k, swiglu_limit, arch)
     l1(_vecs(pair_order(x)), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
     l2(_vecs(h), _vecs(stacked.w2), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
-    return y.view(t, k, -1).sum(1) if sum_slots else y.view(t, k, -1)
+    return slot_outputs(y, t, k, sum_slots)

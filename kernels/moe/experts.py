@@ -132,6 +132,12 @@ def clamped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, route_w:
     return route_w * torch.nn.functional.silu(gate) * up
 
 
+def slot_outputs(y: torch.Tensor, t: int, k: int, sum_slots: bool) -> torch.Tensor:
+    """A MoE runner's result from its (token, k) slots' rows y [T*k, D]: each token's k slots
+    summed in order k = 0..K-1 -> [T, D], or (sum_slots False) the slots themselves [T, k, D]."""
+    return y.view(t, k, -1).sum(1) if sum_slots else y.view(t, k, -1)
+
+
 def moe_w4a16_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
                   swiglu_limit: float, sum_slots: bool = True) -> torch.Tensor:
     """The spec of the routed-expert MoE (W4A16). x: [T, D] (bf16 or fp32), rounded to fp16 (the
@@ -144,4 +150,4 @@ def moe_w4a16_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     for _, slots, (w1, w2, w3) in expert_runs(experts, stacked):
         h = clamped_swiglu(x[slots // k].half().float(), w1, w3, weights.reshape(-1)[slots, None], swiglu_limit).half()
         y[slots] = h.float() @ w2.T
-    return y.view(t, k, -1).sum(1) if sum_slots else y.view(t, k, -1)
+    return slot_outputs(y, t, k, sum_slots)

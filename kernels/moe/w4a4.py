@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import nvfp4_qdq
-from .experts import StackedExperts, clamped_swiglu, expert_runs
+from .experts import StackedExperts, clamped_swiglu, expert_runs, slot_outputs
 
 
 def moe_w4a4_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
@@ -39,7 +39,7 @@ def moe_w4a4_ref(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, 
         xq = nvfp4_qdq(x[slots // k].float(), stacked.a13[e])
         h = clamped_swiglu(xq, w1, w3, weights.reshape(-1)[slots, None].float(), swiglu_limit)
         y[slots] = nvfp4_qdq(h, stacked.a2[e]) @ w2.T
-    return y.view(t, k, -1).sum(1) if sum_slots else y.view(t, k, -1)
+    return slot_outputs(y, t, k, sum_slots)
 
 
 def calibrate_input_scales(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
@@ -110,4 +110,4 @@ def moe_w4a4(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stac
     y = blockscaled_matmul(stacked.w2, s2, hq, hs, alpha2, tiles.tile_group, d, i, e, d, tile_n)
     out = torch.zeros(t * k + 1, d, dtype=torch.float32, device=x.device)
     out.index_copy_(0, tiles.row_slot, y)  # padding rows all land on the discarded row t*k
-    return out[: t * k].view(t, k, d).sum(1) if sum_slots else out[: t * k].view(t, k, d)
+    return slot_outputs(out[: t * k], t, k, sum_slots)
