@@ -16,7 +16,6 @@ holds one copy.
 from __future__ import annotations
 
 import os
-import re
 import weakref
 
 import torch
@@ -25,47 +24,17 @@ from kernels import attention, dispatch, mhc
 from kernels.attention import sparse_mqa_decode
 from kernels.cute_compile import cache_root
 from kernels.mhc import mhc_pre
-from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight, quantize_activation_fp8
+from kernels.formats import FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight, fp8_qdq, quantize_activation_fp8
 from kernels.hadamard import hadamard_transform
 from kernels.linear import reserve_split_counters
-from kernels.moe import stack_experts
 from kernels.moe.experts import check_mxfp4_scales
 
 from .config import ModelArgs
-from .model import (CompressorState, DeepseekV4, ModelState, compressor_projections, next_window, pool_window,
-                    window_row, write_entries_decode)
+from .gpu_weights import SAME_INPUT_LINEARS, split_experts, stack_rows
+from .model import (KV_QAT_BLOCK, CompressorState, DeepseekV4, ModelState, apply_rope_per_channel,
+                    compressor_projections, next_window, pool_window, rms_norm, window_row, write_entries_decode)
 
-_EXPERT = re.compile(r"^(.*ffn\.)experts\.(\d+)\.(w[123])$")
-# Linears that read the same input, run as one GEMM on their stacked rows (names under a layer's
-# prefix): a small FP8 GEMM costs ~5 us of launch and ramp-up beyond its bytes, and its input
-# quantization another launch (bench/NOTES.md), so one GEMM of both is cheaper than two.
-SAME_INPUT_LINEARS = (("attn.wq_a", "attn.wkv"), ("ffn.shared_experts.w1", "ffn.shared_experts.w3"))
-
-
-def stack_rows(weights: list):
-    """One weight with the rows of `weights` in order (a bit-preserving copy), or None where the
-    format cannot stack them: FP8 block-128 with whole 128-row blocks and one scale dtype (other
-    formats carry a per-tensor scale or are not stacked)."""
-    if not all(isinstance(w, Fp8BlockWeight) for w in weights):
-        return None
-    if any(w.weight.shape[0] % FP8_BLOCK or w.scale.dtype != weights[0].scale.dtype or
-           w.weight.shape[1] != weights[0].weight.shape[1] for w in weights):
-        return None
-    return Fp8BlockWeight(torch.cat([w.weight for w in weights]), torch.cat([w.scale for w in weights]))
-
-
-def split_experts(weights: dict) -> tuple[dict, dict]:
-    """-> (weights without routed experts, {"layers.L.ffn.": StackedExperts})."""
-    rest, per_layer = {}, {}
-    for name, w in weights.items():
-        m = _EXPERT.match(name)
-        if m:
-            per_layer.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = w
-        else:
-            rest[name] = w
-    stacks = {prefix: stack_experts([(e[i]["w1"], e[i]["w2"], e[i]["w3"]) for i in sorted(e)], f"{prefix}experts")
-              for prefix, e in per_layer.items()}
-    return rest, stacks
+SHARED_EXPERT_LANE = 4  # beside(): lanes 0-3 are the attention's (backend.model)
 
 
 # The pure-torch pieces between the runners (backend.model: attention side, mHC mixing, norms,
@@ -78,7 +47,8 @@ COMPILED_PIECES = ("norm", "head_input", "query_heads", "kv_entry", "window", "r
 # fp32 sums possibly in another order); eager calls keep the reference's form.
 COMPILED_FORMS = {"hc_mixes": "hc_mixes_in_chunks", "hc_post": "hc_post_unrolled",
                   "compressor_step": "compressor_step_in_place", "routing": "routing_by_argmax",
-                  "head_input": "head_input_in_chunks", "index_queries": "index_queries_fast_rotation"}
+                  "head_input": "head_input_in_chunks", "index_queries": "index_queries_fast_rotation",
+                  "query_heads": "query_heads_in_one_pass", "kv_entry": "kv_entry_in_one_pass"}
 # Pieces whose output feeds FP8 linears (the q LoRA norm: wq_b and the indexer's wq_b; the mHC
 # sublayer input: wq_a||wkv and the shared w1||w3; attention: wo_a; the shared SwiGLU: w2). Their
 # compiled forms also quantize the output as the FP8 runner would (quantize_activation_fp8, the
@@ -133,7 +103,7 @@ class DeepseekV4Gpu(DeepseekV4):
         # the window; the indexer's compressor and scoring; its queries; the shared expert): at
         # small batch each of their kernels fills a few SMs, so they fit beside the query heads and
         # the routed experts (captured as parallel graph branches). Empty: one stream.
-        lanes = 4 if overlap and self.device.type == "cuda" else 0
+        lanes = 5 if overlap and self.device.type == "cuda" else 0
         self.side_streams = tuple(torch.cuda.Stream(self.device) for _ in range(lanes))
         for stream in self.side_streams:
             reserve_split_counters(stream)
@@ -179,9 +149,12 @@ class DeepseekV4Gpu(DeepseekV4):
                         del self.w[n]
         for name in [n for n in self.w if n.endswith("compressor.wkv.weight")]:
             gate = name.replace(".wkv.", ".wgate.")
-            w = torch.cat([self.w.pop(name), self.w.pop(gate)])
-            # BF16 as shipped (widened at load): half the bytes for the decode kernel, same products
-            self.w[name.replace(".wkv.", ".wkv+wgate.")] = w.bfloat16() if torch.equal(w.bfloat16().float(), w) else w
+            self.w[name.replace(".wkv.", ".wkv+wgate.")] = torch.cat([self.w.pop(name), self.w.pop(gate)])
+        # The fp32-math small linears' weights in BF16 as shipped (widened at load) where that is
+        # exact: half the bytes for linear_f32, the same products
+        for name in [n for n in self.w if n.endswith(("wkv+wgate.weight", "ffn.gate.weight", "weights_proj.weight"))]:
+            w = self.w[name]
+            self.w[name] = w.bfloat16() if torch.equal(w.bfloat16().float(), w) else w
         return stacked
 
     def linears(self, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
@@ -239,8 +212,30 @@ class DeepseekV4Gpu(DeepseekV4):
         if ratio == 4:
             kv_state_all[slots] = next_window(kv_state, p, ratio)
             score_state_all[slots] = next_window(score_state, p, ratio)
-        entry = self.finish_entries(pooled.unsqueeze(1), pos, norm, ratio, rotate, rotation=hadamard_transform)
+        entry = self.finish_entries(pooled.unsqueeze(1), pos, norm, ratio, rotate, rotation=hadamard_transform,
+                                    rope=apply_rope_per_channel, kv_qat=self.kv_qat_in_blocks)
         write_entries_decode(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
+
+    def query_heads_in_one_pass(self, q: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """query_heads with the RoPE per channel (apply_rope_per_channel): compiled, one kernel with the
+        norm, where the RoPE's slices and concatenation made three (H200, batch 1: ~7 us per layer)."""
+        return apply_rope_per_channel(rms_norm(q, None, self.args.rms_norm_eps), pos, freqs, self.args.qk_rope_head_dim)
+
+    def kv_entry_in_one_pass(self, kv: torch.Tensor, norm: torch.Tensor, pos: torch.Tensor,
+                             freqs: torch.Tensor) -> torch.Tensor:
+        """kv_entry with the RoPE per channel and kv_qat_in_blocks (so do compressor_step_in_place's
+        entries): compiled, 2 kernels where slices and concatenations made 6 (H200, batch 1)."""
+        kv = apply_rope_per_channel(rms_norm(kv, norm, self.args.rms_norm_eps), pos, freqs, self.args.qk_rope_head_dim)
+        return self.kv_qat_in_blocks(kv) if self.simulate_qat else kv
+
+    def kv_qat_in_blocks(self, kv: torch.Tensor) -> torch.Tensor:
+        """_kv_qat on whole 64-blocks of the head, the RoPE blocks kept by a select (no concatenation)."""
+        nope = self.args.nope_head_dim
+        if nope % KV_QAT_BLOCK or kv.shape[-1] % KV_QAT_BLOCK:
+            return self._kv_qat(kv)
+        blocks = kv.unflatten(-1, (-1, KV_QAT_BLOCK))
+        is_nope = torch.arange(blocks.shape[-2], device=kv.device).unsqueeze(-1) * KV_QAT_BLOCK < nope
+        return torch.where(is_nope, fp8_qdq(blocks, KV_QAT_BLOCK), blocks).flatten(-2)
 
     def index_queries_fast_rotation(self, q, x, weights_proj, pos):
         """index_queries with the QAT rotation as the fast Walsh-Hadamard transform, which Inductor
@@ -298,6 +293,10 @@ class DeepseekV4Gpu(DeepseekV4):
         self._forked.add(stream)
         return torch.cuda.stream(stream)
 
+    def event(self) -> torch.cuda.Event | None:
+        """An event at this point of the current stream, when decode steps run side streams."""
+        return torch.cuda.current_stream(self.device).record_event() if self.side_streams and self._decoding else None
+
     def join(self) -> None:
         for stream in self._forked:
             torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -353,13 +352,17 @@ class DeepseekV4Gpu(DeepseekV4):
         return dispatch.linear(quantized or o.reshape(b * s, g * k), w, out_dtype=o.dtype, groups=g).view(b, s, g, -1)
 
     def moe(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        with self.beside():  # the shared expert overlaps routing and the routed experts
+        shape, stack = x.shape, self.stacks[f"{prefix}ffn."]
+        flat = x.reshape(-1, shape[-1]).contiguous()
+        # Beside the routing: the routed experts' activation layout (H200, batch 1: 4 us on the
+        # critical path), then the shared expert; the experts wait for the first only.
+        with self.beside(lane=SHARED_EXPERT_LANE):
+            ordered, ordered_ready = dispatch.moe_activations(flat, stack), self.event()
             shared = self.expert(flat, f"{prefix}ffn.shared_experts.", None, clamp=False)
         weights, experts = self.route(f"{prefix}ffn.", flat, input_ids.reshape(-1), hashed)
-        y = dispatch.moe(flat.contiguous(), weights, experts, self.stacks[f"{prefix}ffn."], self.args.swiglu_limit,
-                         sum_slots=False)
+        if ordered_ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ordered_ready)
+        y = dispatch.moe(flat, weights, experts, stack, self.args.swiglu_limit, sum_slots=False, x_ordered=ordered)
         self.join()
         return self.combine_experts(y, shared).to(x.dtype).view(shape)
 

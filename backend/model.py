@@ -102,6 +102,24 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, rope_
     return torch.cat([nope, rotated.to(x.dtype)], dim=-1)
 
 
+def apply_rope_per_channel(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """apply_rope's numbers with every channel through one expression, x * c + partner * s (the
+    partner: the other channel of its pair; c = 1, s = 0 on the NoPE channels), no slices and no
+    concatenation: what Inductor fuses with the work that makes x into one kernel."""
+    d = x.shape[-1]
+    channel = torch.arange(d, device=x.device)
+    rope = channel >= d - rope_dim
+    pair = ((channel - (d - rope_dim)) // 2).clamp(min=0)
+    angles = pos.to(torch.float32).unsqueeze(-1) * inv_freq.to(pos.device)[pair]  # [B, S, D]
+    if x.dim() == 4:
+        angles = angles.unsqueeze(2)
+    xf = wide(x)
+    odd_sign = torch.where(channel % 2 == 1, 1.0, -1.0)  # even: e cos - o sin; odd: o cos + e sin
+    c = torch.where(rope, angles.cos(), 1.0)
+    s = torch.where(rope, angles.sin() * odd_sign, 0.0)
+    return (xf * c + xf[..., channel ^ 1] * s).to(x.dtype)
+
+
 def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC coefficients from the projected streams. mixes: [..., (2+hc)*hc] ->
@@ -418,16 +436,16 @@ class DeepseekV4:
         self.write_entries(CompressorState(kv_state_all, score_state_all, entries), slots, pos, entry, ratio)
 
     def finish_entries(self, pooled: torch.Tensor, pos: torch.Tensor, norm: torch.Tensor, ratio: int,
-                       rotate: bool, rotation=None) -> torch.Tensor:
+                       rotate: bool, rotation=None, rope=apply_rope, kv_qat=None) -> torch.Tensor:
         """Pooled windows [B, S, d] -> entries: normalized, rotated at the window's first position
-        and QAT-rounded (`rotation`: another form of qat_rotation)."""
+        and QAT-rounded (`rotation`, `rope`, `kv_qat`: other forms of qat_rotation, apply_rope, _kv_qat)."""
         entry = rms_norm(pooled.to(self.dtype), norm, self.args.rms_norm_eps)
-        entry = apply_rope(entry, pos + 1 - ratio, self.freqs[True], self.args.qk_rope_head_dim)
+        entry = rope(entry, pos + 1 - ratio, self.freqs[True], self.args.qk_rope_head_dim)
         if self.simulate_qat:
             if rotate:
                 entry = fp4_qdq((rotation or self.qat_rotation)(entry), INDEXER_QAT_BLOCK)
             else:
-                entry = self._kv_qat(entry)
+                entry = (kv_qat or self._kv_qat)(entry)
         return entry
 
     def write_entries(self, st: CompressorState, slots: torch.Tensor, pos: torch.Tensor, entry: torch.Tensor,

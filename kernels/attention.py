@@ -89,7 +89,7 @@ def sparse_mqa_decode(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor
     pos = pos.long().contiguous()  # both kernels read it
     has_entries = entries is not None
     if not has_entries:  # unread stand-ins
-        entries, comp_mask = ring, torch.zeros(b, 1, dtype=torch.bool, device=dev)
+        entries, comp_mask = ring, torch.empty(b, 1, dtype=torch.bool, device=dev)  # no fill kernel
     part_o = torch.empty(b, splits, h, vecs, 4, dtype=torch.float32, device=dev)
     part_ml = torch.empty(b, splits, h, 2, dtype=torch.float32, device=dev)
     _compiled_partials(heads, dim, float(scale), has_entries, arch)(

@@ -246,11 +246,13 @@ def _vecs(t: torch.Tensor) -> torch.Tensor:
 
 
 def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, stacked: StackedExperts,
-              swiglu_limit: float, sum_slots: bool = True) -> torch.Tensor:
+              swiglu_limit: float, sum_slots: bool = True, x_ordered: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 or fp32 [T, D]; weights: fp32 [T, k]; experts: int [T, k] -> fp32 [T, D] (see moe_w4a16_ref;
     sum_slots False: [T, k, D], each slot's output, for a caller that fuses their sum with its own work).
-    Activations are converted to f16 (which holds BF16 activations exactly within +-65504); both
-    kernels (see `moe_kernels`) take inner products in f16 and accumulate in fp32."""
+    Activations are converted to f16 (which holds BF16 activations exactly within +-65504) in the
+    kernels' order: x_ordered, if the caller made pair_order(x) already (beside the routing, on
+    another stream), else here. Both kernels (see `moe_kernels`) take inner products in f16 and
+    accumulate in fp32."""
     t, k = experts.shape
     if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
         raise ValueError(f"moe_w4a16: x must be a contiguous bfloat16 or float32 tensor [T, D], got {x.dtype}")
@@ -263,6 +265,6 @@ def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, sta
     y = torch.empty(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
     common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
     l1, l2 = moe_kernels(stacked, t, k, swiglu_limit, arch)
-    l1(_vecs(pair_order(x)), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
+    l1(_vecs(pair_order(x) if x_ordered is None else x_ordered), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
     l2(_vecs(h), _vecs(stacked.w2), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
     return slot_outputs(y, t, k, sum_slots)

@@ -1,10 +1,13 @@
 """The runner model's pieces that run anywhere: expert stacking from a checkpoint, the graph-safe
 entry write, and the model itself on the CPU (where kernels.dispatch falls back to the twins)."""
+import math
+
 import pytest
 import torch
 
 from backend.checkpoint import load_checkpoint
-from backend.gpu_model import DeepseekV4Gpu, split_experts, stack_rows
+from backend.gpu_model import DeepseekV4Gpu
+from backend.gpu_weights import split_experts, stack_rows
 from backend.model import CompressorState, DeepseekV4, write_entries_decode, write_entries_emitting
 from kernels.formats import quantize_activation_fp8
 from kernels.moe import unstack
@@ -387,3 +390,21 @@ def test_fused_attention_gives_the_reference_logits_and_hands_over_its_quantizat
     assert torch.equal(fused, plain)
     assert taken.count(True) == 12 * args.num_hidden_layers  # wo_a, once per layer and step
     assert not model._decoding  # after the step: mtp_forward, say, takes the reference's window and attend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_per_channel_is_apply_rope_bit_for_bit(dtype):
+    """The compiled query heads' RoPE form (one expression per channel, no concatenation) gives
+    apply_rope's numbers exactly, eagerly: queries [B, S, H, D] and keys [B, S, D], random data
+    and positions; a hand-computed pair checks the rotation's direction."""
+    from backend.model import apply_rope, apply_rope_per_channel
+    g = torch.Generator().manual_seed(7)
+    inv_freq = torch.rand(32, generator=g) + 0.01
+    pos = torch.randint(0, 5000, (3, 2), generator=g)
+    for shape in ((3, 2, 4, 512), (3, 2, 512)):
+        x = torch.randn(shape, generator=g).to(dtype)
+        assert torch.equal(apply_rope_per_channel(x, pos, inv_freq, 64), apply_rope(x, pos, inv_freq, 64))
+    x = torch.zeros(1, 1, 4)
+    x[..., 2] = 1.0  # the pair (2, 3) = (1, 0) rotated by angle 1 * 0.5 -> (cos 0.5, sin 0.5)
+    y = apply_rope_per_channel(x, torch.tensor([[1]]), torch.tensor([0.5]), 2)
+    assert torch.allclose(y, torch.tensor([[[0.0, 0.0, math.cos(0.5), math.sin(0.5)]]]))
