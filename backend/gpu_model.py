@@ -357,7 +357,7 @@ class DeepseekV4Gpu(DeepseekV4):
         # Beside the routing: the routed experts' activation layout (H200, batch 1: 4 us on the
         # critical path), then the shared expert; the experts wait for the first only.
         with self.beside(lane=SHARED_EXPERT_LANE):
-            ordered, ordered_ready = dispatch.moe_activations(flat, stack), self.event()
+            ordered, ordered_ready = dispatch.moe_activations(flat), self.event()
             shared = self.expert(flat, f"{prefix}ffn.shared_experts.", None, clamp=False)
         weights, experts = self.route(f"{prefix}ffn.", flat, input_ids.reshape(-1), hashed)
         if ordered_ready is not None:

@@ -72,7 +72,7 @@ def linear(x, weight, out_dtype: torch.dtype | None = None, groups: int = 1) -> 
     return F.linear(x, weight.to(x.dtype)).to(out_dtype)
 
 
-def moe_activations(x: torch.Tensor, stacked) -> torch.Tensor | None:
+def moe_activations(x: torch.Tensor) -> torch.Tensor | None:
     """What `moe` would first make of x on this device, for a caller to make it beforehand (on
     another stream): the W4A16 kernels' activation order (kernels.moe.pair_order), else None."""
     from .moe import pair_order
@@ -83,7 +83,7 @@ def moe(x, weights, experts, stacked, swiglu_limit: float, sum_slots: bool = Tru
         x_ordered: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts on the device's runner -> fp32 [T, D] (sum_slots False: [T, k, D], each
     (token, k) slot's output; their sum over k, in order, is the [T, D] result). x_ordered:
-    moe_activations(x, stacked), made beforehand, or None."""
+    moe_activations(x), made beforehand, or None."""
     from .moe import moe_w4a16, moe_w4a16_ref
     from .moe.w4a4 import moe_w4a4
     kind = backend(x.device)

@@ -256,6 +256,9 @@ def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, sta
     t, k = experts.shape
     if x.dtype not in (torch.bfloat16, torch.float32) or not x.is_contiguous():
         raise ValueError(f"moe_w4a16: x must be a contiguous bfloat16 or float32 tensor [T, D], got {x.dtype}")
+    if x_ordered is not None and (x_ordered.dtype != torch.float16 or x_ordered.shape != x.shape):
+        raise ValueError(f"moe_w4a16: x_ordered must be pair_order(x), float16 {tuple(x.shape)}, got "
+                         f"{x_ordered.dtype} {tuple(x_ordered.shape)}")
     if stacked.hidden % 128 or stacked.inter % 128:
         raise ValueError("moe_w4a16: hidden and intermediate sizes must be multiples of 128")
     arch = target_arch(x.device)
@@ -265,6 +268,7 @@ def moe_w4a16(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, sta
     y = torch.empty(t * k, stacked.hidden, dtype=torch.float32, device=x.device)
     common = (d.sorted_slots, d.active_experts, d.active_start, d.num_active)
     l1, l2 = moe_kernels(stacked, t, k, swiglu_limit, arch)
-    l1(_vecs(pair_order(x) if x_ordered is None else x_ordered), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
+    x_ordered = pair_order(x) if x_ordered is None else x_ordered
+    l1(_vecs(x_ordered), _vecs(stacked.w13), stacked.s13, stacked.g13, route_w, *common, h)
     l2(_vecs(h), _vecs(stacked.w2), stacked.s2, stacked.g2.view(-1, 1), route_w, *common, y)
     return slot_outputs(y, t, k, sum_slots)

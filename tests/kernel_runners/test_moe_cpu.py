@@ -140,3 +140,16 @@ def test_kernel_variant_follows_the_expected_tokens_per_expert():
         for gated in (True, False):
             knobs = dict(gemm_config(*args, gated=gated))
             assert knobs.pop("kind") == "mma" and knobs in mma_variants(gated)  # compile_kernels compiles it
+
+
+def test_activations_laid_out_beforehand_must_be_pair_order_of_x():
+    """moe_w4a16 takes the caller's pair_order(x) (made on another stream) only in its shape and
+    dtype: anything else fails before any launch, naming x_ordered."""
+    from kernels.moe import moe_w4a16, pair_order
+    stacked = stack_experts(_random_experts(4, 128, 128, "nvfp4"))
+    x = torch.randn(3, 128)
+    assert pair_order(x).dtype == torch.float16 and pair_order(x).shape == x.shape
+    ids, w = torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2)
+    for wrong in (x, pair_order(x)[:2]):
+        with pytest.raises(ValueError, match="x_ordered"):
+            moe_w4a16(x, w, ids, stacked, 10.0, x_ordered=wrong)
