@@ -32,7 +32,7 @@ from kernels.moe.experts import check_mxfp4_scales
 from .config import ModelArgs
 from .gpu_weights import SAME_INPUT_LINEARS, split_experts, stack_rows
 from .model import (KV_QAT_BLOCK, CompressorState, DeepseekV4, ModelState, apply_rope_per_channel,
-                    compressor_projections, next_window, pool_window, rms_norm, window_row, write_entries_decode)
+                    compressor_projections, next_window, pool_window, window_row, write_entries_decode)
 
 SHARED_EXPERT_LANE = 4  # beside(): lanes 0-3 are the attention's (backend.model)
 
@@ -219,14 +219,14 @@ class DeepseekV4Gpu(DeepseekV4):
     def query_heads_in_one_pass(self, q: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """query_heads with the RoPE per channel (apply_rope_per_channel): compiled, one kernel with the
         norm, where the RoPE's slices and concatenation made three (H200, batch 1: ~7 us per layer)."""
-        return apply_rope_per_channel(rms_norm(q, None, self.args.rms_norm_eps), pos, freqs, self.args.qk_rope_head_dim)
+        return DeepseekV4.query_heads(self, q, pos, freqs, rope=apply_rope_per_channel)
 
     def kv_entry_in_one_pass(self, kv: torch.Tensor, norm: torch.Tensor, pos: torch.Tensor,
                              freqs: torch.Tensor) -> torch.Tensor:
         """kv_entry with the RoPE per channel and kv_qat_in_blocks (so do compressor_step_in_place's
         entries): compiled, 2 kernels where slices and concatenations made 6 (H200, batch 1)."""
-        kv = apply_rope_per_channel(rms_norm(kv, norm, self.args.rms_norm_eps), pos, freqs, self.args.qk_rope_head_dim)
-        return self.kv_qat_in_blocks(kv) if self.simulate_qat else kv
+        return DeepseekV4.kv_entry(self, kv, norm, pos, freqs, rope=apply_rope_per_channel,
+                                   kv_qat=self.kv_qat_in_blocks)
 
     def kv_qat_in_blocks(self, kv: torch.Tensor) -> torch.Tensor:
         """_kv_qat on whole 64-blocks of the head, the RoPE blocks kept by a select (no concatenation)."""

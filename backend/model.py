@@ -562,16 +562,18 @@ class DeepseekV4:
         tail = min(kv.shape[1], win)
         ring[slots.unsqueeze(1), pos[:, -tail:] % win] = kv[:, -tail:]
 
-    def query_heads(self, q: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        """Queries [B, S, H, hd]: per-head unweighted RMSNorm, then RoPE."""
+    def query_heads(self, q: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, rope=apply_rope) -> torch.Tensor:
+        """Queries [B, S, H, hd]: per-head unweighted RMSNorm, then RoPE (`rope`: another form of apply_rope)."""
         a = self.args
-        return apply_rope(rms_norm(q, None, a.rms_norm_eps), pos, freqs, a.qk_rope_head_dim)
+        return rope(rms_norm(q, None, a.rms_norm_eps), pos, freqs, a.qk_rope_head_dim)
 
-    def kv_entry(self, kv: torch.Tensor, norm: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        """The shared K=V head [B, S, hd]: RMSNorm, RoPE, and the KV cache's FP8 QAT rounding."""
+    def kv_entry(self, kv: torch.Tensor, norm: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
+                 rope=apply_rope, kv_qat=None) -> torch.Tensor:
+        """The shared K=V head [B, S, hd]: RMSNorm, RoPE, and the KV cache's FP8 QAT rounding (`rope`,
+        `kv_qat`: other forms of apply_rope and _kv_qat)."""
         a = self.args
-        kv = apply_rope(rms_norm(kv, norm, a.rms_norm_eps), pos, freqs, a.qk_rope_head_dim)
-        return self._kv_qat(kv) if self.simulate_qat else kv
+        kv = rope(rms_norm(kv, norm, a.rms_norm_eps), pos, freqs, a.qk_rope_head_dim)
+        return (kv_qat or self._kv_qat)(kv) if self.simulate_qat else kv
 
     def window(self, rings: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor):
         """Sliding-window keys: the slots' rings [B, win, hd] as they were before these tokens, then
