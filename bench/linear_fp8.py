@@ -6,6 +6,9 @@ Every column is timed the same way (bench.timing.cold_graph_time): a CUDA graph 
 enough copies of the weights to defeat the 50 MB L2, as a decode step reading each layer once does.
 
     python -m bench.linear_fp8 [--tokens 1,8,32,128,1024] [--shapes flash.wq_a,...] [--plan 8,8,4,2]
+                               [--splits 1,2,4]
+
+--splits sweeps the K splits on the planner's tile (one row per count), to check its split rule.
 """
 import argparse
 
@@ -22,6 +25,7 @@ def main():
     p.add_argument("--tokens", default="1,8,32,128,1024")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--plan", default=None, help="force tile_n,stages,splits,consumers")
+    p.add_argument("--splits", default=None, help="sweep these K split counts on the planner's tile")
     a = p.parse_args()
     tokens = [int(t) for t in a.tokens.split(",")]
     forced = tuple(int(v) for v in a.plan.split(",")) if a.plan else None
@@ -43,11 +47,13 @@ def main():
             x = random_tokens(t, groups * k, g)
             xq = quantize_rows_fp8(x)
             plan = forced or fp8_plan(t, rows // groups, k, groups)
-            ours = cold_graph_time([lambda w=w: linear_fp8(x, w, groups, plan=plan) for w in ws])
-            gemm = cold_graph_time([lambda w=w: linear_fp8(xq, w, groups, plan=plan) for w in ws])
+            plans = [plan] if a.splits is None else [(*plan[:2], int(s), plan[3]) for s in a.splits.split(",")]
             base, floor = dense_baselines(x, bf16, flats, groups)
-            print(f"| {name} | {rows}x{k} ({groups}) | {t} | {plan} | {ours:.4f} | {gemm:.4f} | {base:.4f} | "
-                  f"{floor:.4f} | {base / ours:.2f}x | {ours / floor:.2f}x |", flush=True)
+            for plan in plans:
+                ours = cold_graph_time([lambda w=w: linear_fp8(x, w, groups, plan=plan) for w in ws])
+                gemm = cold_graph_time([lambda w=w: linear_fp8(xq, w, groups, plan=plan) for w in ws])
+                print(f"| {name} | {rows}x{k} ({groups}) | {t} | {plan} | {ours:.4f} | {gemm:.4f} | {base:.4f} | "
+                      f"{floor:.4f} | {base / ours:.2f}x | {ours / floor:.2f}x |", flush=True)
         del ws, bf16, flats
 
 

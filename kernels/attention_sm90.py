@@ -205,6 +205,7 @@ def _combine_kernel(part_o: cute.Tensor, part_ml: cute.Tensor, sink: cute.Tensor
                     dim: cutlass.Constexpr, rope_dim: cutlass.Constexpr, quantize: cutlass.Constexpr):
     """part_o [B, S, H, D/4, 4], part_ml [B, S, H, 2], sink [H], pos int64 [B], inv_freq [rope/2] ->
     out [B, H, D/4, 4]; (quantize) q_words int32 [B, H*D/4] (E4M3 bytes), q_scale [B, H*D/128]."""
+    cute.arch.griddepcontrol_launch_dependents()  # wo_a's FP8 GEMM after this may start loading its weights
     tid, _, _ = cute.arch.thread_idx()
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()

@@ -98,6 +98,7 @@ def _finish_kernel(partials: cute.Tensor, h: cute.Tensor, scale: cute.Tensor, ba
                    rms_eps: cutlass.Constexpr, quantize: cutlass.Constexpr):
     """partials [T, S, 25]; h [T, hc*D/4, 4]; norm [D/4, 4] -> x_out [T, D/4, 4], post [T, hc],
     comb [T, hc*hc], and (quantize) q_words int32 [T, D/4] (E4M3 bytes), q_scale [T, D/128]."""
+    cute.arch.griddepcontrol_launch_dependents()  # an FP8 GEMM after this may start loading its weights
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     t, _, _ = cute.arch.block_idx()

@@ -19,6 +19,13 @@ GPU: each split writes fp32 partials, and the last split to finish a tile sums t
 (a counter per tile), which keeps the result deterministic in one launch. Tails are handled by TMA
 (zero fill on loads) and by predicated stores.
 
+The GEMM launches as a programmatic dependent launch: where the kernel before it on the stream lets
+its dependents start early (`griddepcontrol.launch_dependents`: the mHC pre-mix, the attention's
+combine, the activation quantizer and this GEMM do, first thing), its CTAs start beside that kernel,
+load their first `stages` weight tiles, and wait for it (`griddepcontrol.wait`) before reading the
+tokens and their scales or writing anything. Elsewhere it starts when the kernel before it ends, as
+any launch. At one token the launch and the first loads are a few of a GEMM's ~10 us (H200).
+
 Weight scales are fp32 or E8M0 (a byte e meaning 2^(e-127); codes 0 and 255 never occur in V4
 checkpoints and are not special-cased).
 """
@@ -76,6 +83,7 @@ def _kernel(
     n_blocks = (split + 1) * k_blocks // splits - k_begin
     producer_warp = 4 * consumers
 
+    cute.arch.griddepcontrol_launch_dependents()  # a dependent GEMM may start loading its weights now
     if warp == producer_warp:
         cpasync.prefetch_descriptor(tma_a)
         cpasync.prefetch_descriptor(tma_b)
@@ -106,8 +114,24 @@ def _kernel(
     pipeline.pipeline_init_wait()
 
     if warp == producer_warp:
+        # Launched beside the kernel before it (programmatic dependent launch, where that kernel lets
+        # it start early): the first stages' weight tiles do not depend on that kernel and load at
+        # once; the tokens, its output, once it has finished.
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
-        for j in cutlass.range(n_blocks, unroll=1):
+        ahead = cutlass.min(n_blocks, stages)
+        for j in cutlass.range(ahead, unroll=1):
+            ring.producer_acquire(state)
+            cute.copy(tma_a, tAgA[(None, bm, k_begin + j, group)], tAsA[(None, state.index)],
+                      tma_bar_ptr=ring.producer_get_barrier(state))
+            state.advance()
+        cute.arch.griddepcontrol_wait()
+        early = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
+        for j in cutlass.range(ahead, unroll=1):
+            cute.copy(tma_b, tBgB[(None, bn, k_begin + j, group)], tBsB[(None, early.index)],
+                      tma_bar_ptr=ring.producer_get_barrier(early))
+            ring.producer_commit(early)
+            early.advance()
+        for j in cutlass.range(ahead, n_blocks, unroll=1):
             ring.producer_acquire(state)
             cute.copy(tma_a, tAgA[(None, bm, k_begin + j, group)], tAsA[(None, state.index)],
                       tma_bar_ptr=ring.producer_get_barrier(state))
@@ -118,6 +142,7 @@ def _kernel(
         ring.producer_tail(state)
 
     if warp < producer_warp:
+        cute.arch.griddepcontrol_wait()  # the scales and the output, like the tokens, wait for the kernel before
         lane_in_wg = tidx % WARPGROUP
         thr_mma = tiled_mma.get_slice(lane_in_wg)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
@@ -225,7 +250,7 @@ def fp8_block_gemm(w: cute.Tensor, x: cute.Tensor, w_scale: cute.Tensor, x_scale
             tile_n, stages, splits, consumers, e8m0).launch(
         grid=[(n + tile_n - 1) // tile_n, (m + TILE_M - 1) // TILE_M, groups * splits],
         block=[WARPGROUP * consumers + 32, 1, 1],
-        stream=stream)
+        stream=stream, use_pdl=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +288,7 @@ def quantize_warp_block(v: cute.Tensor):
 
 @cute.kernel
 def _quant_kernel(x: cute.Tensor, q_words: cute.Tensor, scale: cute.Tensor):
+    cute.arch.griddepcontrol_launch_dependents()  # the FP8 GEMM after this may start loading its weights
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     t, bx, _ = cute.arch.block_idx()
