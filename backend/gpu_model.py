@@ -43,7 +43,7 @@ COMPILED_PIECES = ("norm", "head_input", "query_heads", "kv_entry", "window", "r
                    "compressor_step", "index_queries", "index_scores", "index_select", "hc_mixes",
                    "sublayer_input", "hc_post", "routing", "swiglu", "combine_experts", "emitted_mask")
 # Pieces compiled in another form of the same math that compiles to fewer or faster kernels (the
-# fp32 sums possibly in another order); eager calls keep the reference's form.
+# fp32 sums possibly in another order; backend.compiled_forms); eager calls keep the reference's form.
 COMPILED_FORMS = {"hc_mixes": "hc_mixes_in_chunks", "hc_post": "hc_post_unrolled",
                   "compressor_step": "compressor_step_in_place", "routing": "routing_by_argmax",
                   "head_input": "head_input_in_chunks", "index_queries": "index_queries_fast_rotation",
