@@ -215,6 +215,11 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(wide(x), wide(w))
 
 
+def topk_indices(biased: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the k largest per row, as routing picks its experts (torch.topk)."""
+    return biased.topk(k, dim=-1).indices
+
+
 def compressor_projections(x: torch.Tensor, wkv: torch.Tensor, wgate: torch.Tensor | None, linear=fp32_linear):
     """A compressor's kv and score projections of x [B, S, D] in fp32 math (wgate None: wkv holds
     wkv's rows, then wgate's: one GEMM)."""
@@ -609,19 +614,17 @@ class DeepseekV4:
         return self.routing(x, self.w[f"{prefix}gate.weight"], choice, input_ids, hashed)
 
     def routing(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, input_ids: torch.Tensor,
-                hashed: bool, linear=fp32_linear, top_k=None):
+                hashed: bool, linear=fp32_linear, top_k=topk_indices):
         """sqrt(softplus) scores (the BF16 gate in fp32 math, as the compressors' and the indexer's
         small linears, DeepSeek-style); experts from the token's row of the hash table `choice`
-        (hash layers) or the top-k of scores + bias `choice` (`top_k(biased, k)`: another way to
-        the indices torch.topk gives; `linear`: another runner of fp32_linear)."""
+        (hash layers) or the top-k of scores + bias `choice` (`top_k`: another way to topk_indices'
+        indices; `linear`: another runner of fp32_linear)."""
         a = self.args
         scores = F.softplus(linear(x, gate)).sqrt()                                # [T, E] fp32
         if hashed:
             experts = choice[input_ids].long()
-        elif top_k is not None:
-            experts = top_k(scores + choice, a.num_experts_per_tok)
         else:
-            experts = (scores + choice).topk(a.num_experts_per_tok, dim=-1).indices
+            experts = top_k(scores + choice, a.num_experts_per_tok)
         weights = scores.gather(1, experts)
         return weights / weights.sum(-1, keepdim=True) * a.routed_scaling_factor, experts
 
