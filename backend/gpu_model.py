@@ -80,7 +80,7 @@ def _cache_inductor_next_to_the_kernels() -> None:
 
 class DeepseekV4Gpu(CompiledForms, DeepseekV4):
     def __init__(self, args: ModelArgs, weights: dict, simulate_qat: bool = True, device="cuda",
-                 compile_attention: bool = False, overlap: bool = True):
+                 compile_attention: bool = False, overlap: bool = True, inductor_pdl: bool = True):
         rest, stacks = split_experts(weights)  # routed experts' MXFP4 scales are checked when stacked
         for name, w in rest.items():
             if isinstance(w, Mxfp4Weight):  # a dense MXFP4 linear runs on the same W4A16 kernels
@@ -122,12 +122,17 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
             from torch.fx.experimental import _config as symbolic_shapes_config
             symbolic_shapes_config.use_duck_shape = False
             _cache_inductor_next_to_the_kernels()
+            # Inductor's Triton kernels as programmatic dependent launches (Hopper and newer): each
+            # starts beside the kernel before it and waits for it before its first dependent load,
+            # as the runners' kernels do (kernels.dependent_launch); a step at small batch is a chain
+            # of short kernels, each of which would otherwise start only once the one before ended.
             for name in COMPILED_PIECES:
                 if self.fused_attention and name in FUSED_ATTENTION_PIECES:
                     continue
                 form = getattr(self, COMPILED_FORMS.get(name, name))
                 quantizes = self.has_fp8 and name in QUANTIZING_PIECES
-                compiled = torch.compile(_quantizing(form) if quantizes else form, dynamic=True)
+                compiled = torch.compile(_quantizing(form) if quantizes else form, dynamic=True,
+                                         options={"triton.enable_pdl": inductor_pdl})
                 setattr(self, name, self._for_decode(getattr(self, name), compiled, quantizes))
 
     def _stack_same_input_weights(self) -> dict:

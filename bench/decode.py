@@ -2,13 +2,15 @@
 per layer, against the weight-bytes floor of the step.
 
     python -m bench.decode [--layers 4] [--batch 1,8,32,128] [--flavor nvidia-nvfp4] [--pieces eager,compiled]
-                           [--side-streams on,off]
+                           [--side-streams on,off] [--inductor-pdl on,off]
 
 A flash-shaped checkpoint (real V4-Flash widths, `--layers` layers) is generated on the GPU. The floor
 is the bytes one step must read (every non-expert weight of the layers, the distinct routed experts
 the batch's routing picks, the head), at the bandwidth bench.timing.stream_read measures in this run.
 --pieces: one table per choice for the torch pieces between the runners: "eager", and/or "compiled"
 (through torch.compile: DeepseekV4Gpu's compile_attention), each on the same checkpoint.
+--inductor-pdl: the compiled pieces' Triton kernels as programmatic dependent launches (on, the
+default) and/or not; one model each.
 """
 import argparse
 import re
@@ -39,6 +41,7 @@ def main():
     p.add_argument("--pieces", default="eager", help="eager and/or compiled, comma-separated")
     p.add_argument("--side-streams", default="on", help="on and/or off, comma-separated: the decode step's "
                    "side streams (DeepseekV4Gpu.beside), one table each on the same model")
+    p.add_argument("--inductor-pdl", default="on", help="on and/or off, comma-separated (compiled pieces)")
     a = p.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,13 +56,18 @@ def main():
     expert_bytes = sum(nbytes(w) for n, w in layers.items() if re.search(r"\.ffn\.experts\.0\.w[123]$", n))  # one per layer
     bandwidth = measure_bandwidth()
     print(f"streaming read: {bandwidth / 1e12:.2f} TB/s; non-expert weights + head {dense / 1e6:.0f} MB")
-    for pieces in a.pieces.split(","):
+    runs = [(pieces, pdl) for pieces in a.pieces.split(",")
+            for pdl in (a.inductor_pdl.split(",") if pieces == "compiled" else ["off"])]
+    for pieces, pdl in runs:
         if pieces not in ("eager", "compiled"):
             raise SystemExit(f"--pieces: expected eager and/or compiled, got {pieces!r}")
+        if pdl not in ("on", "off"):
+            raise SystemExit(f"--inductor-pdl: expected on and/or off, got {pdl!r}")
         start = time.perf_counter()
         model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda",
-                              compile_attention=pieces == "compiled", overlap=True)
-        print(f"\ntorch pieces {pieces}: model on the GPU in {time.perf_counter() - start:.0f} s")
+                              compile_attention=pieces == "compiled", overlap=True, inductor_pdl=pdl == "on")
+        print(f"\ntorch pieces {pieces}" + (f", Inductor PDL {pdl}" if pieces == "compiled" else "")
+              + f": model on the GPU in {time.perf_counter() - start:.0f} s")
         side_streams = model.side_streams
         for choice in a.side_streams.split(","):
             if choice not in ("on", "off"):

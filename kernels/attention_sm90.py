@@ -31,6 +31,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
+from .dependent_launch import wait_for_previous_kernel
 from .linear.fp8_block_sm90 import quantize_warp_block
 
 KEYS = 32                      # keys per chunk: one per lane when scoring
@@ -60,6 +61,7 @@ def _partials_kernel(q: cute.Tensor, ring: cute.Tensor, entries: cute.Tensor, co
     """q [B, H, D/4, 4]; ring [slots, win, D/4, 4]; entries [slots, C, D/4, 4]; comp_mask uint8 [B, C];
     slots, pos int64 [B] -> part_o [B, splits, H, D/4, 4] (sum_k e^(s_k - m) v_k), part_ml [B, splits, H, 2]
     (m, sum_k e^(s_k - m)); m = -inf and zeros where a split has no valid key."""
+    wait_for_previous_kernel()
     tid, _, _ = cute.arch.thread_idx()
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
@@ -205,7 +207,7 @@ def _combine_kernel(part_o: cute.Tensor, part_ml: cute.Tensor, sink: cute.Tensor
                     dim: cutlass.Constexpr, rope_dim: cutlass.Constexpr, quantize: cutlass.Constexpr):
     """part_o [B, S, H, D/4, 4], part_ml [B, S, H, 2], sink [H], pos int64 [B], inv_freq [rope/2] ->
     out [B, H, D/4, 4]; (quantize) q_words int32 [B, H*D/4] (E4M3 bytes), q_scale [B, H*D/128]."""
-    cute.arch.griddepcontrol_launch_dependents()  # wo_a's FP8 GEMM after this may start loading its weights
+    wait_for_previous_kernel()
     tid, _, _ = cute.arch.thread_idx()
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
@@ -254,7 +256,7 @@ def mqa_partials(q, ring, entries, comp_mask, slots, pos, part_o, part_ml, chunk
     """See _partials_kernel; grid (H / heads, splits, B)."""
     _partials_kernel(q, ring, entries, comp_mask, slots, pos, part_o, part_ml, chunks_per_split, heads, dim, scale,
                      has_entries).launch(grid=[q.shape[1] // heads, part_ml.shape[1], q.shape[0]],
-                                         block=[THREADS, 1, 1], stream=stream)
+                                         block=[THREADS, 1, 1], stream=stream, use_pdl=True)
 
 
 @cute.jit
@@ -262,4 +264,4 @@ def mqa_combine(part_o, part_ml, sink, pos, inv_freq, out, q_words, q_scale, str
                 rope_dim: cutlass.Constexpr, quantize: cutlass.Constexpr):
     """See _combine_kernel; grid (H, B)."""
     _combine_kernel(part_o, part_ml, sink, pos, inv_freq, out, q_words, q_scale, dim, rope_dim, quantize).launch(
-        grid=[out.shape[1], out.shape[0], 1], block=[THREADS, 1, 1], stream=stream)
+        grid=[out.shape[1], out.shape[0], 1], block=[THREADS, 1, 1], stream=stream, use_pdl=True)

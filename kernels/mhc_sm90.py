@@ -27,6 +27,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
+from .dependent_launch import wait_for_previous_kernel
 from .linear.fp8_block_sm90 import quantize_warp_block
 
 HC = 4           # hc_mult of every V4 model; one lane per matrix element
@@ -58,6 +59,7 @@ def _dot4(a, b) -> Float32:
 def _partials_kernel(h: cute.Tensor, fn: cute.Tensor, partials: cute.Tensor):
     """h [T, K/4, 4], fn [24, K/4, 4] -> partials [T, K/128, 25]: item i < 24 is chunk s of h . fn[i],
     item 24 is chunk s of h . h. Warp w takes items w, w+4, ..."""
+    wait_for_previous_kernel()
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     s, by, _ = cute.arch.block_idx()
@@ -98,7 +100,7 @@ def _finish_kernel(partials: cute.Tensor, h: cute.Tensor, scale: cute.Tensor, ba
                    rms_eps: cutlass.Constexpr, quantize: cutlass.Constexpr):
     """partials [T, S, 25]; h [T, hc*D/4, 4]; norm [D/4, 4] -> x_out [T, D/4, 4], post [T, hc],
     comb [T, hc*hc], and (quantize) q_words int32 [T, D/4] (E4M3 bytes), q_scale [T, D/128]."""
-    cute.arch.griddepcontrol_launch_dependents()  # an FP8 GEMM after this may start loading its weights
+    wait_for_previous_kernel()
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     t, _, _ = cute.arch.block_idx()
@@ -208,7 +210,7 @@ def mix_partials(h: cute.Tensor, fn: cute.Tensor, partials: cute.Tensor, stream)
     """h fp32 [T, K/4, 4]; fn fp32 [24, K/4, 4]; partials fp32 [T, K/128, 25]."""
     _partials_kernel(h, fn, partials).launch(
         grid=[partials.shape[1], (h.shape[0] + TOKENS_PER_CTA - 1) // TOKENS_PER_CTA, 1],
-        block=[32 * WARPS, 1, 1], stream=stream)
+        block=[32 * WARPS, 1, 1], stream=stream, use_pdl=True)
 
 
 @cute.jit
@@ -217,4 +219,5 @@ def mhc_pre_finish(partials, h, scale, base, norm, x_out, post, comb, q_words, q
                    rms_eps: cutlass.Constexpr, quantize: cutlass.Constexpr):
     """See _finish_kernel; one CTA per token."""
     _finish_kernel(partials, h, scale, base, norm, x_out, post, comb, q_words, q_scale, dim, iters, eps, rms_eps,
-                   quantize).launch(grid=[h.shape[0], 1, 1], block=[32 * FINISH_WARPS, 1, 1], stream=stream)
+                   quantize).launch(grid=[h.shape[0], 1, 1], block=[32 * FINISH_WARPS, 1, 1], stream=stream,
+                              use_pdl=True)

@@ -19,12 +19,11 @@ GPU: each split writes fp32 partials, and the last split to finish a tile sums t
 (a counter per tile), which keeps the result deterministic in one launch. Tails are handled by TMA
 (zero fill on loads) and by predicated stores.
 
-The GEMM launches as a programmatic dependent launch: where the kernel before it on the stream lets
-its dependents start early (`griddepcontrol.launch_dependents`: the mHC pre-mix, the attention's
-combine, the activation quantizer and this GEMM do, first thing), its CTAs start beside that kernel,
-load their first `stages` weight tiles, and wait for it (`griddepcontrol.wait`) before reading the
-tokens and their scales or writing anything. Elsewhere it starts when the kernel before it ends, as
-any launch. At one token the launch and the first loads are a few of a GEMM's ~10 us (H200).
+The GEMM launches as a programmatic dependent launch (kernels.dependent_launch): where the kernel
+before it on the stream lets its dependents start early (every CuTe DSL kernel here and Inductor's
+Triton kernels do), its CTAs start beside that kernel, load their first `stages` weight tiles, and
+wait for it (`griddepcontrol.wait`) before reading the tokens and their scales or writing anything.
+At one token the launch and the first loads are a few of a GEMM's ~10 us (H200).
 
 Weight scales are fp32 or E8M0 (a byte e meaning 2^(e-127); codes 0 and 255 never occur in V4
 checkpoints and are not special-cased).
@@ -41,6 +40,8 @@ from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.cutlass_dsl import dsl_user_op
 from cutlass.utils import LayoutEnum
+
+from ..dependent_launch import wait_for_previous_kernel
 
 TILE_M = 64    # weight rows per CTA: one m64 wgmma
 TILE_K = 128   # one scale block per pipeline stage
@@ -83,7 +84,6 @@ def _kernel(
     n_blocks = (split + 1) * k_blocks // splits - k_begin
     producer_warp = 4 * consumers
 
-    cute.arch.griddepcontrol_launch_dependents()  # a dependent GEMM may start loading its weights now
     if warp == producer_warp:
         cpasync.prefetch_descriptor(tma_a)
         cpasync.prefetch_descriptor(tma_b)
@@ -124,7 +124,7 @@ def _kernel(
             cute.copy(tma_a, tAgA[(None, bm, k_begin + j, group)], tAsA[(None, state.index)],
                       tma_bar_ptr=ring.producer_get_barrier(state))
             state.advance()
-        cute.arch.griddepcontrol_wait()
+        wait_for_previous_kernel()
         early = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
         for j in cutlass.range(ahead, unroll=1):
             cute.copy(tma_b, tBgB[(None, bn, k_begin + j, group)], tBsB[(None, early.index)],
@@ -142,7 +142,7 @@ def _kernel(
         ring.producer_tail(state)
 
     if warp < producer_warp:
-        cute.arch.griddepcontrol_wait()  # the scales and the output, like the tokens, wait for the kernel before
+        wait_for_previous_kernel()  # the scales and the output, like the tokens, wait for the kernel before
         lane_in_wg = tidx % WARPGROUP
         thr_mma = tiled_mma.get_slice(lane_in_wg)
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
@@ -288,7 +288,7 @@ def quantize_warp_block(v: cute.Tensor):
 
 @cute.kernel
 def _quant_kernel(x: cute.Tensor, q_words: cute.Tensor, scale: cute.Tensor):
-    cute.arch.griddepcontrol_launch_dependents()  # the FP8 GEMM after this may start loading its weights
+    wait_for_previous_kernel()
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     t, bx, _ = cute.arch.block_idx()
@@ -309,4 +309,4 @@ def quantize_rows(x: cute.Tensor, q_words: cute.Tensor, scale: cute.Tensor, stre
     """x bf16 or fp32 [T, K]; q_words int32 [T, K/4] (E4M3 bytes); scale fp32 [T, K/128]."""
     _quant_kernel(x, q_words, scale).launch(
         grid=[x.shape[0], (scale.shape[1] + QUANT_WARPS - 1) // QUANT_WARPS, 1], block=[32 * QUANT_WARPS, 1, 1],
-        stream=stream)
+        stream=stream, use_pdl=True)

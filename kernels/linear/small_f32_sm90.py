@@ -19,6 +19,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
+from ..dependent_launch import wait_for_previous_kernel
+
 WARPS_M = 1  # warps splitting a CTA's rows (one: a CTA of warps_k <= 8 warps keeps its registers unbounded)
 ROWS = 4     # output rows per warp (ptxas hoists every token's activation loads: 214 registers at
              # 16 tokens with BF16 weights, none spilled; a bound of 2 CTAs per SM spilled)
@@ -35,6 +37,11 @@ def _small_linear_kernel(x_vecs: cute.Tensor, w_vecs: cute.Tensor, out: cute.Ten
     n_out = out.shape[1]
     tokens = out.shape[0]
     n0 = (bx * WARPS_M + wm) * ROWS
+    if n0 < n_out:  # the weights (no kernel writes them) into the L2 cache while the kernel before runs
+        for v in cutlass.range(wk * 32 + lane, w_vecs.shape[1], warps_k * 32, unroll=1):
+            for r in cutlass.range_constexpr(ROWS):
+                cute.arch.prefetch(w_vecs[n0 + r, v, None].iterator.llvm_ptr, cache_level="L2")
+    wait_for_previous_kernel()
     per_vec = 8 if bf16 else 4  # weights per 16-byte vector; each is per_vec / 4 activation vectors
     smem = cutlass.memory.SmemAllocator()
     partial = smem.allocate_tensor(Float32, cute.make_layout((warps_k, WARPS_M, max_tokens * ROWS)), 16)
@@ -89,4 +96,4 @@ def small_linear(x_vecs, w_vecs, out, stream, bf16: cutlass.Constexpr, warps_k: 
     n_out = out.shape[1]
     _small_linear_kernel(x_vecs, w_vecs, out, bf16, warps_k, max_tokens).launch(
         grid=[(n_out + WARPS_M * ROWS - 1) // (WARPS_M * ROWS), 1, 1], block=[32 * WARPS_M * warps_k, 1, 1],
-        stream=stream)
+        stream=stream, use_pdl=True)

@@ -12,6 +12,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32
 
+from ..dependent_launch import wait_for_previous_kernel
+
 THREADS = 1024   # also the most experts one CTA scans (V4: 256 and 384)
 WARPS = THREADS // 32
 
@@ -28,6 +30,7 @@ def _inclusive_warp_scan(v: Int32, lane: Int32) -> Int32:
 @cute.kernel
 def _dispatch_kernel(experts: cute.Tensor, sorted_slots: cute.Tensor, active_experts: cute.Tensor,
                      active_start: cute.Tensor, num_active: cute.Tensor, num_experts: cutlass.Constexpr):
+    wait_for_previous_kernel()
     tid, _, _ = cute.arch.thread_idx()
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
@@ -92,4 +95,4 @@ def _dispatch_kernel(experts: cute.Tensor, sorted_slots: cute.Tensor, active_exp
 def dispatch_launch(experts, sorted_slots, active_experts, active_start, num_active, stream,
                     num_experts: cutlass.Constexpr):
     _dispatch_kernel(experts, sorted_slots, active_experts, active_start, num_active, num_experts).launch(
-        grid=[1, 1, 1], block=[THREADS, 1, 1], stream=stream)
+        grid=[1, 1, 1], block=[THREADS, 1, 1], stream=stream, use_pdl=True)

@@ -40,6 +40,7 @@ from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from ..dependent_launch import wait_for_previous_kernel
 from .w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair, _e4m3_pair_to_f16x2, _ir, store_output  # shared with the GEMV
 
 ROWS = 16  # output rows per warp: the MMA's M
@@ -154,6 +155,7 @@ def _grouped_mma_kernel(
     k_unroll: cutlass.Constexpr,
     split_halves: cutlass.Constexpr,
 ):
+    wait_for_previous_kernel()
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
     bx, by, _ = cute.arch.block_idx()
@@ -251,6 +253,6 @@ def grouped_mma(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_ex
                         k_unroll, split_halves).launch(
         grid=[(rows + warps_m * ROWS - 1) // (warps_m * ROWS), active_experts.shape[0], 1],
         block=[32 * warps_m * (2 if split_halves else warps_k), 1, 1],
-        stream=stream,
+        stream=stream, use_pdl=True,
         min_blocks_per_mp=min_ctas,
         preferred_smem_carveout=25 if min_ctas else None)  # set: the DSL would ask a GPU for the maximum

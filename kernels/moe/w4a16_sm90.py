@@ -27,6 +27,7 @@ from cutlass import Float32, Int32
 from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from ..dependent_launch import wait_for_previous_kernel
 from . import activation_position
 
 E2M1_F16_CORRECTION = 2.0**14  # decoded f16 = value * 2^-14
@@ -145,6 +146,28 @@ def _dot_round(wq, sc, xq, acc, n_valid, nvfp4: cutlass.Constexpr, halves: cutla
                             acc[tt, r, half] = acc[tt, r, half] + _f16x2_sum(dot) * sc[u, r, half, b if nvfp4 else 0]
 
 
+@cute.jit
+def _prefetch_rows(w_vecs: cute.Tensor, scales: cute.Tensor, active_experts: cute.Tensor, num_active: cute.Tensor,
+                   by: Int32, n0: Int32, n_out: Int32, lane: Int32, rows: cutlass.Constexpr):
+    """L2 (and a dense W4A16 linear): the warp's weight rows and their scales into the L2 cache while
+    the kernel before (L1) still runs. A hint only: the active experts come from the dispatch kernel,
+    which had finished before L1 let this kernel start (kernels.dependent_launch), but nothing relies
+    on reading them right here (the GEMV reads them again after its wait), so an index read from a
+    buffer still being written only costs a wasted prefetch; indices are bounds-checked."""
+    if by < num_active[0]:
+        e = active_experts[by]
+        if e >= 0:
+            if e < w_vecs.shape[0]:
+                if n0 < n_out:
+                    n_vecs = w_vecs.shape[2]
+                    for r in cutlass.range_constexpr(rows):
+                        for line in cutlass.range(lane, (n_vecs + 7) // 8, 32, unroll=1):  # 128-byte lines
+                            v = cutlass.min(line * 8, n_vecs - 1)
+                            cute.arch.prefetch(w_vecs[e, n0 + r, v, None].iterator.llvm_ptr, cache_level="L2")
+                        if lane == 0:
+                            cute.arch.prefetch(scales[e, n0 + r, None].iterator.llvm_ptr, cache_level="L2")
+
+
 def _acc_coord(i: int, rows: int, halves: int) -> tuple:
     """Accumulator i's (token, row, half)."""
     return i // (rows * halves), (i // halves) % rows, i % halves
@@ -179,6 +202,9 @@ def _grouped_gemv_kernel(
     wk = warp // warps_m  # and its share of the rounds
     n_out = out.shape[1]
     n0 = (bx * warps_m + wm) * rows  # first of this warp's rows (n_out is a multiple of `rows`)
+    if cutlass.const_expr(not gated):
+        _prefetch_rows(w_vecs, scales, active_experts, num_active, by, n0, n_out, lane, rows)
+    wait_for_previous_kernel()
     nvfp4 = group == 16
     halves = 2 if gated else 1
     n_acc = token_tile * rows * halves
@@ -243,4 +269,4 @@ def grouped_gemv(x_words, w_words, scales, gscale, route_w, sorted_slots, active
                          k_unroll).launch(
         grid=[(n_out + warps_m * rows - 1) // (warps_m * rows), active_experts.shape[0], 1],
         block=[32 * warps_m * warps_k, 1, 1],
-        stream=stream)
+        stream=stream, use_pdl=True)
