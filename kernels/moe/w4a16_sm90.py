@@ -148,24 +148,23 @@ def _dot_round(wq, sc, xq, acc, n_valid, nvfp4: cutlass.Constexpr, halves: cutla
 
 @cute.jit
 def _prefetch_rows(w_vecs: cute.Tensor, scales: cute.Tensor, active_experts: cute.Tensor, num_active: cute.Tensor,
-                   by: Int32, n0: Int32, n_out: Int32, lane: Int32, rows: cutlass.Constexpr):
-    """L2 (and a dense W4A16 linear): the warp's weight rows and their scales into the L2 cache while
-    the kernel before (L1) still runs. A hint only: the active experts come from the dispatch kernel,
-    which had finished before L1 let this kernel start (kernels.dependent_launch), but nothing relies
-    on reading them right here (the GEMV reads them again after its wait), so an index read from a
-    buffer still being written only costs a wasted prefetch; indices are bounds-checked."""
-    if by < num_active[0]:
-        e = active_experts[by]
-        if e >= 0:
-            if e < w_vecs.shape[0]:
-                if n0 < n_out:
-                    n_vecs = w_vecs.shape[2]
-                    for r in cutlass.range_constexpr(rows):
-                        for line in cutlass.range(lane, (n_vecs + 7) // 8, 32, unroll=1):  # 128-byte lines
-                            v = cutlass.min(line * 8, n_vecs - 1)
-                            cute.arch.prefetch(w_vecs[e, n0 + r, v, None].iterator.llvm_ptr, cache_level="L2")
-                        if lane == 0:
-                            cute.arch.prefetch(scales[e, n0 + r, None].iterator.llvm_ptr, cache_level="L2")
+                   by: Int32, n0: Int32, n_out: Int32, lane: Int32, wk: Int32, warps_k: cutlass.Constexpr,
+                   rows: cutlass.Constexpr):
+    """L2 (and a dense W4A16 linear): the warp's weight rows (its share of their 128-byte lines, as
+    the K split shares the rounds) and their scales into the L2 cache while the kernel before (L1)
+    still runs. A hint only: the active experts come from the dispatch kernel, which had finished
+    before L1 let this kernel start (kernels.dependent_launch), but nothing relies on reading them
+    right here (the GEMV reads them again after its wait), so an index read from a buffer still
+    being written only costs a wasted prefetch; indices are bounds-checked."""
+    e = active_experts[by]  # by < its size: the grid has one row of CTAs per entry
+    if by < num_active[0] and e >= 0 and e < w_vecs.shape[0] and n0 < n_out:
+        n_vecs = w_vecs.shape[2]
+        for r in cutlass.range_constexpr(rows):
+            for line in cutlass.range(wk * 32 + lane, (n_vecs + 7) // 8, warps_k * 32, unroll=1):
+                v = cutlass.min(line * 8, n_vecs - 1)
+                cute.arch.prefetch(w_vecs[e, n0 + r, v, None].iterator.llvm_ptr, cache_level="L2")
+            if wk == 0 and lane == 0:
+                cute.arch.prefetch(scales[e, n0 + r, None].iterator.llvm_ptr, cache_level="L2")
 
 
 def _acc_coord(i: int, rows: int, halves: int) -> tuple:
@@ -203,7 +202,7 @@ def _grouped_gemv_kernel(
     n_out = out.shape[1]
     n0 = (bx * warps_m + wm) * rows  # first of this warp's rows (n_out is a multiple of `rows`)
     if cutlass.const_expr(not gated):
-        _prefetch_rows(w_vecs, scales, active_experts, num_active, by, n0, n_out, lane, rows)
+        _prefetch_rows(w_vecs, scales, active_experts, num_active, by, n0, n_out, lane, wk, warps_k, rows)
     wait_for_previous_kernel()
     nvfp4 = group == 16
     halves = 2 if gated else 1
