@@ -7,6 +7,8 @@ per layer, against the weight-bytes floor of the step.
 A flash-shaped checkpoint (real V4-Flash widths, `--layers` layers) is generated on the GPU. The floor
 is the bytes one step must read (every non-expert weight of the layers, the distinct routed experts
 the batch's routing picks, the head), at the bandwidth bench.timing.stream_read measures in this run.
+Graph steps are timed back to back by CUDA events (median of 5 blocks of 50), as the engine runs
+them, and also each waiting for the one before (the host's launch gap included).
 --pieces: one table per choice for the torch pieces between the runners: "eager", and/or "compiled"
 (through torch.compile: DeepseekV4Gpu's compile_attention), each on the same checkpoint.
 --inductor-pdl: the compiled pieces' Triton kernels as programmatic dependent launches (on, the
@@ -23,7 +25,7 @@ from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
 from backend.gpu_model import DeepseekV4Gpu
 from backend.synthetic import generate
-from bench.timing import require_gpu, stream_read
+from bench.timing import require_gpu, step_ms, stream_read
 
 
 def nbytes(w) -> int:
@@ -92,40 +94,35 @@ def measure_bandwidth() -> float:
 
 
 def measure(model: DeepseekV4Gpu, batches: list[int], dense: int, expert_bytes: int, bandwidth: float) -> None:
+    """Per batch: graph replays back to back (the step's device time: the ratio to the floor uses
+    it); graph replays each waiting for the last (`DecodeGraphs.run` from host lists: a pageable
+    copy of the inputs, so the device idles while the host launches the next; earlier sessions'
+    numbers); and eager steps."""
     args = model.args
     max_b = max(batches)
     state = model.new_state(max_b + 1, 256, with_mtp=False)
     start = time.perf_counter()
     graphs = DecodeGraphs(model, state, max_batch=max_b, scratch_slot=max_b)
     print(f"graphs captured in {time.perf_counter() - start:.1f} s (torch.compile included)", flush=True)
-    print("| batch | graph ms/step | eager ms/step | eager / graph | graph per layer ms | floor ms | graph / floor |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | graph ms/step | graph, synced each step | eager ms/step | eager / graph | graph per layer ms "
+          "| floor ms | graph / floor |")
+    print("|---|---|---|---|---|---|---|---|")
     for b in batches:
         tokens = torch.randint(2, 4000, (b,)).tolist()
         positions = [17] * b
         slots = list(range(b))
-        graphs.run(tokens, positions, slots)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            graphs.run(tokens, positions, slots)
-        torch.cuda.synchronize()
-        graph_ms = (time.perf_counter() - t0) / 10 * 1e3
+        inputs = torch.tensor(graphs.pad(tokens, positions, slots), device="cuda")
+        graph_ms = step_ms(lambda: graphs.replay(inputs, b), iters=50, blocks=5)
+        synced_ms = step_ms(lambda: graphs.run(tokens, positions, slots), iters=20, blocks=3)
         tok, pos, sl = (torch.tensor(tokens, device="cuda").view(b, 1), torch.tensor(positions, device="cuda"),
                         torch.arange(b, device="cuda"))
         model.forward(tok, pos, sl, state)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(3):
-            model.forward(tok, pos, sl, state)
-        torch.cuda.synchronize()
-        eager_ms = (time.perf_counter() - t0) / 3 * 1e3
+        eager_ms = step_ms(lambda: model.forward(tok, pos, sl, state), iters=3, blocks=1)
         e, k = args.n_routed_experts, args.num_experts_per_tok
         distinct = e * (1 - (1 - k / e) ** b)
         floor_ms = (dense + expert_bytes * distinct) / bandwidth * 1e3
-        print(f"| {b} | {graph_ms:.3f} | {eager_ms:.3f} | {eager_ms / graph_ms:.1f}x | {graph_ms / args.num_hidden_layers:.3f} "
-              f"| {floor_ms:.3f} | {graph_ms / floor_ms:.2f}x |", flush=True)
-
+        print(f"| {b} | {graph_ms:.3f} | {synced_ms:.3f} | {eager_ms:.3f} | {eager_ms / graph_ms:.1f}x "
+              f"| {graph_ms / args.num_hidden_layers:.3f} | {floor_ms:.3f} | {graph_ms / floor_ms:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,6 @@ import argparse
 import os
 import re
 import tempfile
-import time
 from collections import defaultdict
 
 import torch
@@ -29,7 +28,7 @@ from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
 from backend.gpu_model import COMPILED_PIECES, DeepseekV4Gpu
 from backend.synthetic import generate
-from bench.timing import require_gpu
+from bench.timing import require_gpu, step_ms
 
 
 def main():
@@ -68,15 +67,11 @@ def profile_step(model, a, b: int) -> None:
         step = lambda: model.forward(tok, pos, sl, state)  # noqa: E731
     else:
         graphs = DecodeGraphs(model, state, max_batch=b, scratch_slot=b)
-        step = lambda: graphs.run(tokens, positions, slots)  # noqa: E731
+        inputs = torch.tensor(graphs.pad(tokens, positions, slots), device="cuda")
+        step = lambda: graphs.replay(inputs, b)  # noqa: E731
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) / 10 * 1e3
+    wall_ms = step_ms(step, iters=10, blocks=3)  # back to back, as bench.decode times steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()

@@ -6,7 +6,11 @@ cycles through enough copies of the weights to defeat the 50 MB L2, as a decode 
 layer once does. The grouped wo_a shapes run as one launch (linear_w4a16(x, w, groups)); their BF16
 baseline is a batched matmul over the groups.
 
-    python -m bench.linear_w4a16 [--tokens 1,8,32,128,1024] [--shapes flash.wq_a,...,flash.wo_a]
+    python -m bench.linear_w4a16 [--tokens 1,8,32,128,1024] [--shapes flash.wq_a,...,flash.wo_a] [--kernels]
+
+--kernels adds a column per kernel, each forced at every T: the SIMT GEMV (K split as for one token,
+DENSE_TOKEN_TILE tokens per pass over the weight) and the tensor-core kernel (gemm_config's tiling),
+so that kernels.moe.dense_config's choice can be checked against both.
 """
 import argparse
 
@@ -15,6 +19,7 @@ import torch
 from bench.timing import cold_graph_time, dense_baselines, l2_defeat_copies, require_gpu
 from kernels.formats import Nvfp4Weight, mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.linear import linear_w4a16
+from kernels.moe import dense_token_tile, gemm_config, gemv_knobs
 from tests.gpu.test_linear_w4a16 import GROUPED, SHAPES
 
 
@@ -28,12 +33,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="1,8,32,128,1024")
     p.add_argument("--shapes", default=",".join([*SHAPES, *GROUPED]))
+    p.add_argument("--kernels", action="store_true", help="also time the GEMV and the tensor-core kernel, forced")
     a = p.parse_args()
     tokens = [int(t) for t in a.tokens.split(",")]
     g = torch.Generator(device="cuda").manual_seed(0)
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, NVFP4 weights, L2 defeated")
-    print("| projection | rows x K (groups) | T | ours ms | bf16 ms | floor ms | bf16 / ours | ours / floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    forced = " gemv ms | mma ms |" if a.kernels else ""
+    print(f"| projection | rows x K (groups) | T | ours ms |{forced} bf16 ms | floor ms | bf16 / ours | ours / floor |")
+    print("|---|---|---|---|---|---|---|---|" + "---|---|" * a.kernels)
     for name in a.shapes.split(","):
         groups, rows, k = shape_of(name)
         w0 = mxfp4_to_nvfp4(quantize_mxfp4(torch.randn(groups * rows, k, device="cuda", generator=g) * k ** -0.5))
@@ -46,8 +53,14 @@ def main():
         for t in tokens:
             x = torch.randn(t, groups * k, device="cuda", generator=g).bfloat16()
             ours = cold_graph_time([lambda w=w: linear_w4a16(x, w, groups) for w in ws])
+            cells = ""
+            if a.kernels:
+                gemv = dict(gemv_knobs(groups * rows, k), n_tiles=dense_token_tile(t))
+                mma = gemm_config(max(t, 2), groups, rows, k)  # one token would pick the GEMV
+                cells = "".join(f" {cold_graph_time([lambda w=w, c=knobs: linear_w4a16(x, w, groups, c) for w in ws]):.4f} |"
+                                for knobs in (gemv, mma))
             base, floor = dense_baselines(x, bf16, flats, groups)
-            print(f"| {name} | {groups * rows}x{k} ({groups}) | {t} | {ours:.4f} | {base:.4f} | {floor:.4f} | "
+            print(f"| {name} | {groups * rows}x{k} ({groups}) | {t} | {ours:.4f} |{cells} {base:.4f} | {floor:.4f} | "
                   f"{base / ours:.2f}x | {ours / floor:.2f}x |", flush=True)
         del ws, bf16, flats
 

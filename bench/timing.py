@@ -46,6 +46,22 @@ def _median_replay_ms(graph: torch.cuda.CUDAGraph, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def step_ms(step, iters: int, blocks: int) -> float:
+    """Median over `blocks` of the mean ms per call of `iters` back-to-back calls of `step`, timed by
+    CUDA events: the host queues the next call while the device runs the last one, as the engine's
+    decode loop does (it queues step N+1 before it reads step N's tokens)."""
+    times = []
+    for _ in range(blocks):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return sorted(times)[len(times) // 2]
+
+
 def graph_time(fn, iters: int) -> float:
     """Median ms of a CUDA-graph replay of fn (captured after two eager warm-ups)."""
     fn(), fn()

@@ -99,17 +99,18 @@ def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
     return (x.reshape(t * groups, k), packed.view(groups, r, -1), scales.view(groups, r, -1), gscale, route_w, d)
 
 
-def linear_w4a16(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
+def linear_w4a16(x: torch.Tensor, weight, groups: int = 1, kernel: dict | None = None) -> torch.Tensor:
     """Dense W4A16 on the GPU: x bf16 or fp32 [T, G*K], weight NVFP4/MXFP4 [N, K] (groups == 1) or
     the block-diagonal [G*R, K] (wo_a: group g reads x[:, g*K:(g+1)*K] and writes y[:, g*R:(g+1)*R])
-    -> fp32 [T, N]. One launch of the MoE's ungated kernel with the groups as experts. Graph safe
-    (static shapes, no host syncs); compile first outside any capture (one eager call)."""
-    from ..moe import _compiled, _vecs, gemm_config, pair_order  # CuTe DSL is needed only here
+    -> fp32 [T, N]. One launch of the MoE's ungated kernel with the groups as experts; `kernel`: its
+    variant (kernels.moe's knobs, as `dense_config` returns them, which picks it by default). Graph
+    safe (static shapes, no host syncs); compile first outside any capture (one eager call)."""
+    from ..moe import _compiled, _vecs, dense_config, pair_order  # CuTe DSL is needed only here
     x_rows, packed, scales, gscale, route_w, d = w4a16_launch_args(x, weight, groups)
     (rows_in, k), r = x_rows.shape, packed.shape[1]
     out = torch.empty(rows_in, r, dtype=torch.float32, device=x.device)  # rows t * G + g: [T, G * R]
     group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
-    kernel = _compiled(False, group, target_arch(x.device), **gemm_config(x.shape[0], groups, r, k))
+    kernel = _compiled(False, group, target_arch(x.device), **(kernel or dense_config(x.shape[0], groups, r, k)))
     kernel(_vecs(pair_order(x_rows)), _vecs(packed), scales, gscale, route_w,
            d.sorted_slots, d.active_experts, d.active_start, d.num_active, out)
     return out.view(x.shape[0], groups * r)

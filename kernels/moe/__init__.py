@@ -80,6 +80,12 @@ MEMORY_WARPS = 132 * 16  # a streaming launch with fewer warps leaves an H100/H2
 N_TILE_CHOICES = (1, 2, 4)
 K_UNROLL_CHOICES = (1, 2)
 SPLIT_K_WARPS = 4
+# Dense layers with few row tiles take the GEMV up to this many tokens, in one pass over the weight
+# (dense_config). H200 (bench/NOTES.md): at 2 tokens it took 0.56-1.04x the tensor-core kernel's
+# time on such shapes; with 4 tokens per pass (it decodes the weights again each pass) 0.96-2.7x at
+# 8 tokens and 1.2-4.0x at 16.
+DENSE_GEMV_MAX_TOKENS = 2
+DENSE_TOKEN_TILE = 2
 # The ungated (L2, dense) kernel needs 62 registers; bounded to 6 CTAs of 4 warps per SM (85), ptxas
 # keeps more loads in flight: -9% / -10% at T = 32 / 128 on an H200 (bench/NOTES.md). The gated
 # L1 kernel (116 registers) spills under any bound, more token tiles need more registers, and
@@ -137,10 +143,31 @@ def gemv_knobs(rows: int, k: int, gated: bool = False) -> dict:
     return knobs
 
 
+def dense_config(tokens: int, groups: int, rows: int, k: int) -> dict:
+    """The variant for a dense layer (kernels.linear.linear_w4a16: `groups` of `rows` x `k`, each
+    group seeing all `tokens`). A weight with too few row tiles for the GPU splits K on either kernel;
+    there, up to DENSE_GEMV_MAX_TOKENS tokens, the GEMV taking DENSE_TOKEN_TILE tokens per pass over
+    the weight beats the tensor-core kernel (bench.linear_w4a16 --kernels)."""
+    config = gemm_config(tokens, groups, rows, k)
+    if config["kind"] == "mma" and config["warps_k"] > 1 and tokens <= DENSE_GEMV_MAX_TOKENS:
+        config = dict(gemv_knobs(groups * rows, k), n_tiles=dense_token_tile(tokens))
+    return config
+
+
+def dense_token_tile(tokens: int) -> int:
+    """Tokens per pass of the dense GEMV over the weight: a power of two, at most DENSE_TOKEN_TILE."""
+    return min(DENSE_TOKEN_TILE, 1 << (tokens - 1).bit_length())
+
+
 def gemv_variants(gated: bool = False):
-    """Every GEMV variant gemv_knobs can return (K splitting: ungated only, dense layers)."""
+    """Every GEMV variant gemv_knobs and dense_config can return (K splitting and token tiles:
+    ungated only, dense layers)."""
     base = dict(kind="gemv", **(GEMV_L1 if gated else GEMV_L2))
-    return [base] + ([] if gated else [dict(base, warps_k=w, k_unroll=1) for w in (2, 4, 8)])
+    if gated:
+        return [base]
+    split = [base] + [dict(base, warps_k=w, k_unroll=1) for w in (2, 4, 8)]
+    tiles = [1 << i for i in range(1, DENSE_TOKEN_TILE.bit_length())]
+    return split + [dict(v, n_tiles=t) for t in tiles for v in split]
 
 
 def register_bound(gated: bool, n_tiles: int, warps_k: int, split_halves: bool) -> int:
