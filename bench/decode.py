@@ -124,5 +124,6 @@ def measure(model: DeepseekV4Gpu, batches: list[int], dense: int, expert_bytes: 
         print(f"| {b} | {graph_ms:.3f} | {synced_ms:.3f} | {eager_ms:.3f} | {eager_ms / graph_ms:.1f}x "
               f"| {graph_ms / args.num_hidden_layers:.3f} | {floor_ms:.3f} | {graph_ms / floor_ms:.2f}x |", flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -46,6 +46,14 @@ class BusyLines(logging.Handler):
             self.lines.append(record.getMessage())
 
 
+def requests_per_run(concurrency: int) -> int:
+    """Requests per measurement, the same in-process and through the server: at least 32, so that
+    concurrency 1's fixed cost per request in the server (~5 ms of ~48 on an H200) is averaged over
+    more than a handful (with 8, concurrency 1's server / engine ratio read 0.86-0.97 from session
+    to session)."""
+    return max(2 * concurrency, 32)
+
+
 def engine_run(path, concurrency, max_tokens, max_num_seqs, compile_attention):
     busy = BusyLines()
     logging.getLogger("deepseek_v4").addHandler(busy)
@@ -59,7 +67,7 @@ def engine_run(path, concurrency, max_tokens, max_num_seqs, compile_attention):
     try:
         params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0)
         for c in concurrency:
-            n = max(2 * c, 8)
+            n = requests_per_run(c)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(c) as pool:
                 outs = list(pool.map(lambda i: engine.generate(PROMPTS[i % len(PROMPTS)], params), range(n)))
@@ -163,7 +171,7 @@ def run(a, conc, max_seqs, work: Path):
                 run = subprocess.run(cmd + ["-m", "deepseek_v4", "-u", server.grpc_url, "-i", "grpc", "--streaming",
                                             "--input-data", str(data), "--concurrency-range", str(c),
                                             "--measurement-mode", "count_windows", "--measurement-request-count",
-                                            str(max(2 * c, 8)), "--stability-percentage", "50", "--max-trials", "4"],
+                                            str(requests_per_run(c)), "--stability-percentage", "50", "--max-trials", "4"],
                                      env=env, capture_output=True, text=True, timeout=600)
                 thr = re.search(r"Throughput: ([\d.]+) infer/sec", run.stdout)
                 lat = re.search(r"Avg latency: (\d+) usec", run.stdout)

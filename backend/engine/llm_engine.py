@@ -57,6 +57,8 @@ class BusyPeriod:
     """Where the engine thread's time went since it last had nothing to do: logged when it goes
     idle, so a benchmark sees the split (GPU steps vs host work) of each load it applied."""
     start: float = 0.0
+    idle_before: float | None = None  # the engine thread's idle time before this period (None: the first)
+    first_wait: float = 0.0  # from the arrival (add_request) of the first request it ran to its start
     decode_steps: int = 0
     decode_rows: int = 0
     decode_seconds: float = 0.0   # queueing steps and waiting for their tokens
@@ -68,10 +70,12 @@ class BusyPeriod:
         wall = time.perf_counter() - self.start
         other = wall - self.decode_seconds - self.prefill_seconds - self.output_seconds
         steps = max(self.decode_steps, 1)
-        return (f"[deepseek_v4] busy {wall:.2f} s: {self.decode_steps} decode steps (mean batch "
+        idle = "-" if self.idle_before is None else f"{1e3 * self.idle_before:.2f} ms"
+        return (f"[deepseek_v4] busy {wall:.3f} s: {self.decode_steps} decode steps (mean batch "
                 f"{self.decode_rows / steps:.1f}, {1e3 * self.decode_seconds / steps:.2f} ms each), "
                 f"{self.prefill_chunks} prefill chunks ({self.prefill_seconds:.2f} s), output handling "
-                f"{1e3 * self.output_seconds / steps:.2f} ms per decode step, other {other:.2f} s")
+                f"{1e3 * self.output_seconds / steps:.2f} ms per decode step, other {other:.3f} s; "
+                f"idle before it {idle}, its first request waited {1e3 * self.first_wait:.2f} ms")
 
 
 class LLMEngine:
@@ -94,6 +98,7 @@ class LLMEngine:
         self._sequences: dict[object, tuple[Sequence, IncrementalDetokenizer, Callable]] = {}
         self._thread: threading.Thread | None = None
         self._busy: BusyPeriod | None = None
+        self._idle_since: float | None = None  # when the last busy period ended
         self._in_flight: tuple[list[Sequence], SampledTokens] | None = None  # a decode step not yet read
 
     # --- public API (any thread) ------------------------------------------------------------
@@ -146,7 +151,7 @@ class LLMEngine:
                 self._read_in_flight()  # its sequences all finished (aborted): drops their tokens
                 if self._busy is not None:
                     log.info(self._busy.summary())
-                    self._busy = None
+                    self._busy, self._idle_since = None, time.perf_counter()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -172,8 +177,11 @@ class LLMEngine:
 
     def step(self) -> None:
         kind, seqs, n = self.scheduler.schedule()
-        busy = self._busy = self._busy or BusyPeriod(start=time.perf_counter())
         start = time.perf_counter()
+        if self._busy is None:  # between requests, idle time is the served round trip outside the engine
+            self._busy = BusyPeriod(start, None if self._idle_since is None else start - self._idle_since,
+                                    start - min((s.arrival_time for s in seqs), default=start))
+        busy = self._busy
         if kind == "decode":
             launched = self._launch_decode(seqs)
             self._read_in_flight()

@@ -352,3 +352,24 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_serves_on
     assert failed["finish_reason"] == "error" and "device fell over" in failed["error"]
     assert len(failed["token_ids"]) == 2  # the prefill's token and the first decode step's
     assert served["token_ids"][:2] == failed["token_ids"] and len(served["token_ids"]) == 8
+
+
+def test_each_busy_period_logs_the_idle_time_before_it_and_its_first_requests_wait(engine, caplog):
+    """A served run at concurrency 1 is one busy period per request: the idle time before each is
+    the round trip outside the engine (the response's way out, the next request's way in)."""
+    fresh = LLMEngine(engine.config, runner=engine.runner)
+    fresh.start()
+    try:
+        with caplog.at_level("INFO", logger="deepseek_v4"):
+            for pause in (0.0, 0.05):
+                threading.Event().wait(pause)  # the second request arrives >= 50 ms after the first ended
+                fresh.generate("a b c", SamplingParams(max_tokens=3, temperature=0.0))
+            threading.Event().wait(0.2)  # the loop goes idle and logs the second period
+    finally:
+        fresh.shutdown()
+    lines = [r.getMessage() for r in caplog.records if "] busy " in r.getMessage()]
+    assert len(lines) == 2, lines
+    first, second = (re.search(r"idle before it (\S+)( ms)?, its first request waited ([\d.]+) ms", line) for line in lines)
+    assert first.group(1) == "-"  # nothing before the first
+    assert float(second.group(1)) >= 50.0 and 0.0 <= float(second.group(3)) < 50.0
+    assert re.search(r"busy \d+\.\d{3} s", lines[0])  # to the millisecond

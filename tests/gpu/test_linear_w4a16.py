@@ -25,7 +25,7 @@ def test_dense_runner_matches_twin(fmt, name):
     g = torch.Generator(device="cuda").manual_seed(n + k)
     w = quantize_mxfp4(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
     w = mxfp4_to_nvfp4(w) if fmt == "nvfp4" else w
-    for t in (1, 2, 7, 16, 64, 513):  # 1 and 2: the GEMV (kernels.moe.dense_config); above: the MMA kernel
+    for t in (1, 2, 7, 16, 64, 513):  # the GEMV at 1, and at 2 on few row tiles (kernels.moe.dense_config)
         x = torch.randn(t, k, device="cuda", generator=g).bfloat16()
         out, ref = linear_w4a16(x, w), linear_w4a16_ref(x, w)
         assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t)
