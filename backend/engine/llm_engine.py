@@ -178,7 +178,7 @@ class LLMEngine:
     def step(self) -> None:
         kind, seqs, n = self.scheduler.schedule()
         start = time.perf_counter()
-        if self._busy is None:  # between requests, idle time is the served round trip outside the engine
+        if self._busy is None:  # at concurrency 1, the idle time before is the round trip outside the engine
             self._busy = BusyPeriod(start, None if self._idle_since is None else start - self._idle_since,
                                     start - min((s.arrival_time for s in seqs), default=start))
         busy = self._busy
