@@ -8,9 +8,9 @@ baseline is a batched matmul over the groups.
 
     python -m bench.linear_w4a16 [--tokens 1,8,32,128,1024] [--shapes flash.wq_a,...,flash.wo_a] [--kernels]
 
---kernels adds a column per kernel, each forced at every T: the SIMT GEMV (K split as for one token,
-DENSE_TOKEN_TILE tokens per pass over the weight) and the tensor-core kernel (gemm_config's tiling),
-so that kernels.moe.dense_config's choice can be checked against both.
+--kernels adds a column per kernel, each forced at every T: the SIMT GEMV (kernels.moe.dense_gemv_knobs)
+and the tensor-core kernel (gemm_config's tiling), so that kernels.moe.dense_config's choice can be
+checked against both.
 """
 import argparse
 
@@ -19,7 +19,7 @@ import torch
 from bench.timing import cold_graph_time, dense_baselines, l2_defeat_copies, require_gpu
 from kernels.formats import Nvfp4Weight, mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.linear import linear_w4a16
-from kernels.moe import dense_token_tile, gemm_config, gemv_knobs
+from kernels.moe import dense_gemv_knobs, gemm_config
 from tests.gpu.test_linear_w4a16 import GROUPED, SHAPES
 
 
@@ -55,7 +55,7 @@ def main():
             ours = cold_graph_time([lambda w=w: linear_w4a16(x, w, groups) for w in ws])
             cells = ""
             if a.kernels:
-                gemv = dict(gemv_knobs(groups * rows, k), n_tiles=dense_token_tile(t))
+                gemv = dense_gemv_knobs(t, groups * rows, k)
                 mma = gemm_config(max(t, 2), groups, rows, k)  # one token would pick the GEMV
                 cells = "".join(f" {cold_graph_time([lambda w=w, c=knobs: linear_w4a16(x, w, groups, c) for w in ws]):.4f} |"
                                 for knobs in (gemv, mma))

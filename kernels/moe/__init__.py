@@ -150,13 +150,14 @@ def dense_config(tokens: int, groups: int, rows: int, k: int) -> dict:
     the weight beats the tensor-core kernel (bench.linear_w4a16 --kernels)."""
     config = gemm_config(tokens, groups, rows, k)
     if config["kind"] == "mma" and config["warps_k"] > 1 and tokens <= DENSE_GEMV_MAX_TOKENS:
-        config = dict(gemv_knobs(groups * rows, k), n_tiles=dense_token_tile(tokens))
+        config = dense_gemv_knobs(tokens, groups * rows, k)
     return config
 
 
-def dense_token_tile(tokens: int) -> int:
-    """Tokens per pass of the dense GEMV over the weight: a power of two, at most DENSE_TOKEN_TILE."""
-    return min(DENSE_TOKEN_TILE, 1 << (tokens - 1).bit_length())
+def dense_gemv_knobs(tokens: int, rows: int, k: int) -> dict:
+    """The GEMV for `tokens` tokens of a dense weight of `rows` (all groups) x `k`: K split as at one
+    token (gemv_knobs), a power of two tokens, at most DENSE_TOKEN_TILE, per pass over the weight."""
+    return dict(gemv_knobs(rows, k), n_tiles=min(DENSE_TOKEN_TILE, 1 << (tokens - 1).bit_length()))
 
 
 def gemv_variants(gated: bool = False):
