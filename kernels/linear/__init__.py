@@ -197,17 +197,27 @@ def linear_fp8_ref(x, weight: Fp8BlockWeight, groups: int = 1) -> torch.Tensor:
 TOKEN_TILES = (8, 16, 32, 64, 128)
 STAGES = {8: 8, 16: 8, 32: 8, 64: 4, 128: 4}  # smem ring depth per token tile
 CONSUMERS = 2
+# Up to 32 tokens, a weight of few 64-row tiles runs in narrower token tiles: each weight tile's
+# token tiles are CTAs side by side that read its bytes from HBM once (L2 serves the rest), and a
+# narrower tile waits less for its wgmmas per K block. An H200 sweep at 16 and 32 tokens
+# (bench/NOTES.md) found 8-token tiles best up to 32 weight tiles and 16-token tiles up to 128.
+NARROW_TILE_TOKENS = 32
+NARROW_TILES = ((32, 8), (128, 16))  # (at most this many weight tiles, widest token tile)
 
 
 def fp8_plan(tokens: int, rows: int, k: int, groups: int = 1, sms: int = 132) -> tuple[int, int, int, int]:
     """(token tile, stages, K splits, consumer warpgroups) for `tokens` x `rows` (per group) x `k`.
     Consumer warpgroups share a CTA's K blocks. Splits cost a tail (partials, a fence, a second
     pass), which an H100 sweep (bench/NOTES.md) found worth paying only for the smallest weights:
-    up to about half an SM-count of CTAs, with two K blocks per warpgroup per split and the fp32
-    partials under the weight's bytes."""
+    up to about half an SM-count of weight tiles, with two K blocks per warpgroup per split and the
+    fp32 partials under the weight's bytes."""
+    weight_tiles = -(-rows // 64) * groups
     tile_n = next((t for t in TOKEN_TILES if t >= tokens), TOKEN_TILES[-1])
+    if tokens <= NARROW_TILE_TOKENS:
+        tile_n = min(tile_n, next((w for most, w in NARROW_TILES if weight_tiles <= most), tile_n))
+    # Narrow token tiles share their weight tile's bytes, so only weight tiles count toward splitting.
+    ctas = weight_tiles * (1 if tokens <= NARROW_TILE_TOKENS else -(-tokens // tile_n))
     consumers = CONSUMERS
-    ctas = -(-rows // 64) * -(-tokens // tile_n) * groups
     k_blocks = k // FP8_BLOCK
     splits = 1
     while 4 * ctas * splits <= sms and k_blocks // (2 * splits) >= 2 * consumers and 2 * splits * tokens * 8 <= k:
