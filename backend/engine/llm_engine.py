@@ -216,8 +216,8 @@ class LLMEngine:
             for seq in seqs:
                 if seq.status == Status.PREFILLING:  # fed a prompt token
                     self.scheduler.prefilled(seq, 1)
-            # Sample the sequences that now need a token (the ones still in their prompts don't;
-            # their generators must not advance either).
+            # Sample the sequences that now need a token (the ones still in their prompts don't,
+            # nor does their count of draws advance).
             rows = [i for i, seq in enumerate(seqs) if seq.status == Status.RUNNING]
             ready = [seqs[i] for i in rows]
             tokens = self.runner.sample(logits, ready, [self._banned(s) for s in ready],

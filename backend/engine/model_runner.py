@@ -1,5 +1,5 @@
-"""Turns scheduled sequences into model calls: owns the model, its state and the sampling
-generators. The only engine code that builds device tensors."""
+"""Turns scheduled sequences into model calls: owns the model, its state and the sequences'
+sampling seeds. The only engine code that builds device tensors."""
 from __future__ import annotations
 
 import logging
@@ -54,12 +54,11 @@ class ModelRunner:
                  config.max_model_len)
 
     def start_sequence(self, seq: Sequence) -> None:
-        """A sequence takes its slot: clear what the slot held and give it its own generator."""
+        """A sequence takes its slot: clear what the slot held and give it its sampling seed."""
         self.state.reset(host_to_device([seq.slot], self.device))  # no wait for the queued step
-        seed = seq.params.seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
-        seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        seq.seed = seq.params.seed
+        if seq.seed is None:
+            seq.seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
 
     def prefill(self, seq: Sequence, n: int) -> torch.Tensor:
         """Feeds the next n prompt tokens; -> logits [V] after the last of them."""
@@ -110,5 +109,6 @@ class ModelRunner:
         the device with its copy to the host under way."""
         if rows is not None:
             logits = logits[host_to_device(rows, logits.device)]
-        return SampledTokens(sample(logits.view(len(seqs), -1), [s.params for s in seqs],
-                                    [s.generator for s in seqs], banned))
+        # A sequence's draws are numbered by the tokens it sampled before, read or still in flight.
+        return SampledTokens(sample(logits.view(len(seqs), -1), [s.params for s in seqs], [s.seed for s in seqs],
+                                    [len(s.output_ids) + s.num_pending for s in seqs], banned))

@@ -30,7 +30,7 @@ class Sequence:
         self.num_pending = 0
         self.pending_row = -1
         self.finish_reason: str | None = None
-        self.generator = None        # torch.Generator for sampling (set by the model runner)
+        self.seed = None             # the sampler's seed: params.seed, or drawn by the model runner
         self.arrival_time = 0.0
 
     @property

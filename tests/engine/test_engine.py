@@ -130,26 +130,6 @@ def test_streamed_deltas_are_the_decode_of_any_ids_and_each_step_decodes_a_short
     assert max(decoded_lengths) <= 32, max(decoded_lengths)  # 11 here; the old whole-output decode: 1080
 
 
-def test_sampler_masks_banned_ids_and_draws_the_same_tokens_in_any_batch():
-    """A mixed batch: greedy rows take the masked argmax, banned ids (each row's best) never come
-    out, and a seeded sampled row draws what it draws alone."""
-    import torch
-
-    from backend.engine.sampler import sample
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 50, generator=g)
-    logits[:, 7] = 10.0  # every row's best, banned in rows 0 and 2
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
-              SamplingParams(temperature=0.8, top_k=5), SamplingParams(temperature=1.0, top_p=0.9)]
-    banned = [[7, 3], [], [7], []]
-    gens = lambda seed: torch.Generator().manual_seed(seed)
-    batch = sample(logits, params, [None, None, gens(1), gens(2)], banned).tolist()
-    assert batch[0] == int(logits[0].index_fill(0, torch.tensor([7, 3]), float("-inf")).argmax())
-    assert batch[1] == 7 and batch[2] != 7
-    for b, seed in ((2, 1), (3, 2)):
-        assert sample(logits[b:b + 1], [params[b]], [gens(seed)], [banned[b]]).tolist() == [batch[b]]
-
-
 def _arrays(**kw):
     out = {}
     for k, v in kw.items():
