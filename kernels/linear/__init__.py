@@ -209,8 +209,8 @@ def fp8_plan(tokens: int, rows: int, k: int, groups: int = 1, sms: int = 132) ->
     """(token tile, stages, K splits, consumer warpgroups) for `tokens` x `rows` (per group) x `k`.
     Consumer warpgroups share a CTA's K blocks. Splits cost a tail (partials, a fence, a second
     pass), which an H100 sweep (bench/NOTES.md) found worth paying only for the smallest weights:
-    up to about half an SM-count of weight tiles, with two K blocks per warpgroup per split and the
-    fp32 partials under the weight's bytes."""
+    up to about half an SM-count of CTAs (of weight tiles, up to 32 tokens), with two K blocks per
+    warpgroup per split and the fp32 partials under the weight's bytes."""
     weight_tiles = -(-rows // 64) * groups
     tile_n = next((t for t in TOKEN_TILES if t >= tokens), TOKEN_TILES[-1])
     if tokens <= NARROW_TILE_TOKENS:
