@@ -48,9 +48,9 @@ class BusyLines(logging.Handler):
 
 def requests_per_run(concurrency: int) -> int:
     """Requests per measurement, the same in-process and through the server: at least 32, so that
-    concurrency 1's fixed cost per request in the server (~5 ms of ~48 on an H200) is averaged over
-    more than a handful (with 8, concurrency 1's server / engine ratio read 0.86-0.97 from session
-    to session)."""
+    concurrency 1's cost per request in the server (~1.6 ms more than in-process, of ~46 ms, on an
+    H200) is averaged over more than a handful (with 8, concurrency 1's server / engine ratio read
+    0.86-0.97 from session to session)."""
     return max(2 * concurrency, 32)
 
 

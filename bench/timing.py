@@ -34,18 +34,6 @@ def stream_read(words: torch.Tensor, out: torch.Tensor | None = None, block: int
     return out
 
 
-def _median_replay_ms(graph: torch.cuda.CUDAGraph, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def step_ms(step, iters: int, blocks: int) -> float:
     """Median over `blocks` of the mean ms per call of `iters` back-to-back calls of `step`, timed by
     CUDA events: the host queues the next call while the device runs the last one, as the engine's
@@ -69,7 +57,7 @@ def graph_time(fn, iters: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return _median_replay_ms(graph, iters)
+    return step_ms(graph.replay, iters=1, blocks=iters)
 
 
 L2_DEFEAT_BYTES = 256 << 20  # five times an H100/H200's 50 MB L2
@@ -94,7 +82,7 @@ def cold_graph_time(calls, rounds: int = 4, iters: int = 5) -> float:
             for fn in calls:
                 fn()
     graph.replay()
-    return _median_replay_ms(graph, iters) / (rounds * len(calls))
+    return step_ms(graph.replay, iters=1, blocks=iters) / (rounds * len(calls))
 
 
 def dense_baselines(x: torch.Tensor, bf16_weights: list, weight_words: list, groups: int = 1) -> tuple[float, float]:
