@@ -8,9 +8,9 @@ baseline is a batched matmul over the groups.
 
     python -m bench.linear_w4a16 [--tokens 1,8,32,128,1024] [--shapes flash.wq_a,...,flash.wo_a] [--kernels]
 
---kernels adds a column per kernel, each forced at every T: the SIMT GEMV (kernels.moe.dense_gemv_knobs)
-and the tensor-core kernel (gemm_config's tiling), so that kernels.moe.dense_config's choice can be
-checked against both.
+--kernels adds a column per kernel, each forced at every T: the SIMT GEMV (kernels.linear.w4a16.gemv_plan,
+2 tokens per pass) and the tensor-core kernel (mma_plan), so that dense_plan's choice can be checked
+against both.
 """
 import argparse
 
@@ -19,7 +19,7 @@ import torch
 from bench.timing import cold_graph_time, dense_baselines, l2_defeat_copies, require_gpu
 from kernels.formats import Nvfp4Weight, mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.linear import linear_w4a16
-from kernels.moe import dense_gemv_knobs, gemm_config
+from kernels.linear.w4a16 import gemv_plan, mma_plan
 from tests.gpu.test_linear_w4a16 import GROUPED, SHAPES
 
 
@@ -55,8 +55,8 @@ def main():
             ours = cold_graph_time([lambda w=w: linear_w4a16(x, w, groups) for w in ws])
             cells = ""
             if a.kernels:
-                gemv = dense_gemv_knobs(t, groups * rows, k)
-                mma = gemm_config(max(t, 2), groups, rows, k)  # one token would pick the GEMV
+                gemv = dict(gemv_plan(2, groups * rows, k), n_tiles=min(t, 2))
+                mma = mma_plan(min(max(t, 2), 32), groups * rows // 16, k)
                 cells = "".join(f" {cold_graph_time([lambda w=w, c=knobs: linear_w4a16(x, w, groups, c) for w in ws]):.4f} |"
                                 for knobs in (gemv, mma))
             base, floor = dense_baselines(x, bf16, flats, groups)

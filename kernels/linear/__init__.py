@@ -13,8 +13,9 @@ GPU runners (CuTe DSL), each with its twin; the checkpoint's bytes are used in p
 - `linear_fp8(x, weight, groups)`: FP8 block-128 GEMM (wgmma, sm_90a) after an on-device activation
   quantizer (`quantize_rows_fp8`); `groups` > 1 is the block-diagonal wo_a as one batched GEMM.
   Twin: `linear_fp8_ref`.
-- `linear_w4a16(x, weight, groups)`: dense NVFP4/MXFP4 on the MoE's grouped kernel (kernels.moe), one
-  group per dense layer, or the wo_a groups as experts in one launch. Twin: `linear_w4a16_ref`.
+- `linear_w4a16(x, weight, groups)`: dense NVFP4/MXFP4 on the MoE's grouped kernels (kernels.moe), one
+  group per dense layer, or the wo_a groups as experts in one launch, tiled for a dense weight
+  (`dense_plan`; kernels.linear.w4a16). Twin: `linear_w4a16_ref`.
 - `linear_w4a4(x, weight)`: Blackwell NVFP4 x NVFP4 (activations quantized on the fly with the
   weight's `input_scale`), COMPILE-VERIFIED ONLY (kernels.w4a4). Twin: `linear_w4a4_ref`.
 - `linear_f32(x, weight)`: fp32 math on a BF16 or fp32 weight (the gate, the compressors, the
@@ -30,10 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ..cute_compile import compile_tvm_ffi, fake, target_arch
-from ..formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight,
-                       dequantize_activation_fp8, fp8_qdq, nvfp4_qdq)
+from ..formats import (FP8_BLOCK, Fp8BlockWeight, Mxfp4Weight, Nvfp4Weight, dequantize_activation_fp8, fp8_qdq,
+                       nvfp4_qdq)
+from .w4a16 import dense_plan, dense_variants, linear_w4a16, linear_w4a16_ref, w4a16_launch_args
 
-__all__ = ["linear_ref", "dequantize_weight", "linear_w4a16", "linear_w4a16_ref", "linear_fp8", "linear_fp8_ref",
+__all__ = ["linear_ref", "dequantize_weight", "linear_w4a16", "linear_w4a16_ref", "w4a16_launch_args", "dense_plan",
+           "dense_variants", "linear_fp8", "linear_fp8_ref",
            "quantize_rows_fp8", "fp8_plan", "compile_fp8_kernels", "linear_w4a4", "linear_w4a4_ref", "linear_f32",
            "linear_f32_ref"]
 
@@ -50,70 +53,6 @@ def linear_ref(x: torch.Tensor, weight, quantize_input: bool = False) -> torch.T
     if isinstance(weight, Fp8BlockWeight) and quantize_input:
         x = fp8_qdq(x)
     return F.linear(x, dequantize_weight(weight, x.dtype))
-
-
-def linear_w4a16_ref(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
-    """The twin of linear_w4a16: x rounded to f16 (the kernel's activation format) [T, K] @ dequant(W)^T
-    in fp32 -> fp32 [T, N]; groups > 1: the block-diagonal weight, group by group (see linear_w4a16)."""
-    if not isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
-        raise TypeError(f"linear_w4a16 takes NVFP4 or MXFP4 weights, got {type(weight).__name__}")
-    x, w = x.half().float(), weight.dequantize()
-    k, r = w.shape[1], w.shape[0] // groups
-    return torch.cat([F.linear(x[:, g * k:(g + 1) * k], w[g * r:(g + 1) * r]) for g in range(groups)], dim=-1)
-
-
-@functools.lru_cache(maxsize=64)
-def _groups_as_experts(tokens: int, groups: int, device: torch.device):
-    """How the MoE kernels see a dense (grouped) layer: group g is "expert" g, holding every token;
-    its input and output rows are t * groups + g of the [T * groups, K] view of x and of y. Built
-    with fill kernels (no host copies, so a first call inside a capture works too) once per shape.
-    -> (Dispatch, route weights (unused by the ungated kernel, read anyway), ones [groups, 1])."""
-    from ..moe.routing import Dispatch
-    rows = torch.arange(tokens * groups, dtype=torch.int32, device=device)
-    slots = rows.view(tokens, groups).t().contiguous().view(-1)  # group-major, token order within a group
-    d = Dispatch(slots, torch.arange(groups, dtype=torch.int32, device=device),
-                 torch.arange(0, (groups + 1) * tokens, tokens, dtype=torch.int32, device=device),
-                 torch.full((1,), groups, dtype=torch.int32, device=device))
-    ones = torch.ones(groups, 1, dtype=torch.float32, device=device)
-    return d, ones.new_ones(tokens * groups), ones
-
-
-def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
-    """The grouped kernels' operands for a dense layer (before the activation re-order and the
-    16-byte vector views): x rows [T * G, K], packed weight [G, R, K/2], scale bytes [G, R, K/block],
-    the groups' global scales [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
-    from ..moe.experts import w4_parts
-    (n, k), t = weight.shape, x.shape[0]
-    r = n // groups
-    if x.shape[1] != groups * k or n % groups:
-        raise ValueError(f"linear_w4a16: x [{t}, {x.shape[1]}] and weight [{n}, {k}] do not make {groups} groups")
-    if k % 128 or r % 64:
-        raise ValueError(f"linear_w4a16: weight [{n}, {k}] in {groups} groups needs K % 128 == 0 and rows per "
-                         "group % 64 == 0")
-    packed, scales, gscale = w4_parts(weight)
-    d, route_w, ones = _groups_as_experts(t, groups, x.device)
-    if isinstance(weight, Mxfp4Weight):
-        gscale = ones  # w4_parts' ones would be a fill kernel per call
-    else:
-        gscale = gscale.reshape(1, 1) if groups == 1 else gscale.reshape(1, 1).expand(groups, 1).contiguous()
-    return (x.reshape(t * groups, k), packed.view(groups, r, -1), scales.view(groups, r, -1), gscale, route_w, d)
-
-
-def linear_w4a16(x: torch.Tensor, weight, groups: int = 1, kernel: dict | None = None) -> torch.Tensor:
-    """Dense W4A16 on the GPU: x bf16 or fp32 [T, G*K], weight NVFP4/MXFP4 [N, K] (groups == 1) or
-    the block-diagonal [G*R, K] (wo_a: group g reads x[:, g*K:(g+1)*K] and writes y[:, g*R:(g+1)*R])
-    -> fp32 [T, N]. One launch of the MoE's ungated kernel with the groups as experts; `kernel`: its
-    variant (kernels.moe's knobs, as `dense_config` returns them, which picks it by default). Graph
-    safe (static shapes, no host syncs); compile first outside any capture (one eager call)."""
-    from ..moe import _compiled, _vecs, dense_config, pair_order  # CuTe DSL is needed only here
-    x_rows, packed, scales, gscale, route_w, d = w4a16_launch_args(x, weight, groups)
-    (rows_in, k), r = x_rows.shape, packed.shape[1]
-    out = torch.empty(rows_in, r, dtype=torch.float32, device=x.device)  # rows t * G + g: [T, G * R]
-    group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
-    kernel = _compiled(False, group, target_arch(x.device), **(kernel or dense_config(x.shape[0], groups, r, k)))
-    kernel(_vecs(pair_order(x_rows)), _vecs(packed), scales, gscale, route_w,
-           d.sorted_slots, d.active_experts, d.active_start, d.num_active, out)
-    return out.view(x.shape[0], groups * r)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "uns
 
 def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: int = 1, k_unroll: int = 2,
               warps_k: int = 1, top_k: int = 1, swiglu_limit: float = 0.0, warps_m: int = 4,
-              min_ctas: int = 0, split_halves: bool = False, rows: int = 0):
+              min_ctas: int = 0, split_halves: bool = False, rows: int = 0, x_kind: int = 0):
     """One compiled grouped GEMM per static configuration; every size is a runtime value.
     kind "gemv": the SIMT kernel (kernels.moe.w4a16_sm90), for about one token per expert; its
     knobs: `rows` per warp (0: GEMV_L1's / GEMV_L2's), `n_tiles` tokens per pass over the weights,
@@ -42,16 +42,17 @@ def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: in
     per pass over the weights, 128-wide K blocks per load round, warps splitting K and warps
     splitting rows per CTA, a register bound of `min_ctas` CTAs per SM (0: none; `register_bound`
     gives the default), and for L1 whether w1 and w3 rows go to separate warps (`split_halves`, not
-    with K splitting). top_k and swiglu_limit matter to L1 (gated) only."""
+    with K splitting). top_k and swiglu_limit matter to L1 (gated) only. x_kind: the activations'
+    format (w4a16_sm90.X_ORDERED: pair_order's, which the MoE uses; a dense layer's bf16 or fp32 rows)."""
     if not gated:
         top_k, swiglu_limit, split_halves = 1, 0.0, False  # one compiled L2 serves every MoE and dense layer
     if split_halves and warps_k != 1:
         raise ValueError("split_halves and K splitting (warps_k > 1) do not combine")
     if kind == "gemv":
         rows = rows or (GEMV_L1 if gated else GEMV_L2)["rows"]
-        knobs = (warps_m, warps_k, rows, n_tiles, k_unroll)
+        knobs = (warps_m, warps_k, rows, n_tiles, k_unroll, x_kind)
     else:
-        knobs = (warps_m, warps_k, n_tiles, k_unroll, min_ctas, split_halves)
+        knobs = (warps_m, warps_k, n_tiles, k_unroll, min_ctas, split_halves, x_kind)
     return _compile_variant(kind, (top_k, group, gated, float(swiglu_limit)), knobs, arch)
 
 
@@ -80,12 +81,6 @@ MEMORY_WARPS = 132 * 16  # a streaming launch with fewer warps leaves an H100/H2
 N_TILE_CHOICES = (1, 2, 4)
 K_UNROLL_CHOICES = (1, 2)
 SPLIT_K_WARPS = 4
-# Dense layers with few row tiles take the GEMV up to this many tokens, in one pass over the weight
-# (dense_config). H200 (bench/NOTES.md): at 2 tokens it took 0.56-1.04x the tensor-core kernel's
-# time on such shapes; with 4 tokens per pass (it decodes the weights again each pass) 0.96-2.7x at
-# 8 tokens and 1.2-4.0x at 16.
-DENSE_GEMV_MAX_TOKENS = 2
-DENSE_TOKEN_TILE = 2
 # The ungated (L2, dense) kernel needs 62 registers; bounded to 6 CTAs of 4 warps per SM (85), ptxas
 # keeps more loads in flight: -9% / -10% at T = 32 / 128 on an H200 (bench/NOTES.md). The gated
 # L1 kernel (116 registers) spills under any bound, more token tiles need more registers, and
@@ -143,32 +138,12 @@ def gemv_knobs(rows: int, k: int, gated: bool = False) -> dict:
     return knobs
 
 
-def dense_config(tokens: int, groups: int, rows: int, k: int) -> dict:
-    """The variant for a dense layer (kernels.linear.linear_w4a16: `groups` of `rows` x `k`, each
-    group seeing all `tokens`). A weight with too few row tiles for the GPU splits K on either kernel;
-    there, up to DENSE_GEMV_MAX_TOKENS tokens, the GEMV taking DENSE_TOKEN_TILE tokens per pass over
-    the weight beats the tensor-core kernel (bench.linear_w4a16 --kernels)."""
-    config = gemm_config(tokens, groups, rows, k)
-    if config["kind"] == "mma" and config["warps_k"] > 1 and tokens <= DENSE_GEMV_MAX_TOKENS:
-        config = dense_gemv_knobs(tokens, groups * rows, k)
-    return config
-
-
-def dense_gemv_knobs(tokens: int, rows: int, k: int) -> dict:
-    """The GEMV for `tokens` tokens of a dense weight of `rows` (all groups) x `k`: K split as at one
-    token (gemv_knobs), a power of two tokens, at most DENSE_TOKEN_TILE, per pass over the weight."""
-    return dict(gemv_knobs(rows, k), n_tiles=min(DENSE_TOKEN_TILE, 1 << (tokens - 1).bit_length()))
-
-
 def gemv_variants(gated: bool = False):
-    """Every GEMV variant gemv_knobs and dense_config can return (K splitting and token tiles:
-    ungated only, dense layers)."""
+    """Every GEMV variant gemv_knobs can return (K splitting: ungated only)."""
     base = dict(kind="gemv", **(GEMV_L1 if gated else GEMV_L2))
     if gated:
         return [base]
-    split = [base] + [dict(base, warps_k=w, k_unroll=1) for w in (2, 4, 8)]
-    tiles = [1 << i for i in range(1, DENSE_TOKEN_TILE.bit_length())]
-    return split + [dict(v, n_tiles=t) for t in tiles for v in split]
+    return [base] + [dict(base, warps_k=w, k_unroll=1) for w in (2, 4, 8)]
 
 
 def register_bound(gated: bool, n_tiles: int, warps_k: int, split_halves: bool) -> int:

@@ -41,7 +41,8 @@ from cutlass._mlir.dialects import llvm as mlir_llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ..dependent_launch import wait_for_previous_kernel
-from .w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair, _e4m3_pair_to_f16x2, _ir, store_output  # shared with the GEMV
+from .w4a16_sm90 import (E2M1_F16_CORRECTION, X_ORDERED, _e2m1_pair, _e4m3_pair_to_f16x2, _ir,  # shared with the GEMV
+                         activation_pairs, store_output)
 
 ROWS = 16  # output rows per warp: the MMA's M
 
@@ -85,7 +86,8 @@ def _scale_f16x2(byte: Int32, nvfp4: cutlass.Constexpr) -> Int32:
 
 @cute.jit
 def _load_round(w_vecs, scales, x_vecs, e, row0, n_out, xrow, kb0, t, wq, sc, xq, nvfp4: cutlass.Constexpr,
-                halves: cutlass.Constexpr, n_tiles: cutlass.Constexpr, k_unroll: cutlass.Constexpr):
+                halves: cutlass.Constexpr, n_tiles: cutlass.Constexpr, k_unroll: cutlass.Constexpr,
+                x_kind: cutlass.Constexpr):
     """One round's loads into registers: k_unroll K blocks of this lane's weight rows (row0, row0 + 8,
     and the w3 half's), their scales (as f16x2), and its tokens' activations."""
     for u in cutlass.range_constexpr(k_unroll):
@@ -105,10 +107,10 @@ def _load_round(w_vecs, scales, x_vecs, e, row0, n_out, xrow, kb0, t, wq, sc, xq
                     sc[u, half, r, 0] = _scale_f16x2(Int32(scales[e, row, kb * 4 + t]), nvfp4)
         for j in cutlass.range_constexpr(n_tiles):
             for w in cutlass.range_constexpr(4):
-                # vector w of chunk t sits at 4w + t (activation order): a warp's load is contiguous per token
-                xv = x_vecs[xrow[j], kb * 16 + 4 * w + t, None].load()
+                # K = 128 kb + 32t + 8w ..: in activation order a warp's loads are contiguous per token
+                pairs = activation_pairs(x_vecs, xrow[j], kb * 16 + 4 * t + w, x_kind)
                 for q in cutlass.range_constexpr(4):
-                    xq[u, j, w, q] = xv[q]
+                    xq[u, j, w, q] = pairs[q]
 
 
 @cute.jit
@@ -135,7 +137,7 @@ def _mma_round(wq, sc, xq, acc, nvfp4: cutlass.Constexpr, halves: cutlass.Conste
 
 @cute.kernel
 def _grouped_mma_kernel(
-    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: f16 activations in activation order, 8 per vector
+    x_vecs: cute.Tensor,       # int32 [rows_in, K/8 (fp32: K/4), 4]: activations as x_kind says (w4a16_sm90)
     w_vecs: cute.Tensor,       # int32 [E, N, K/32, 4]: packed E2M1, 32 per 4-word vector
     scales: cute.Tensor,       # uint8 [E, N, K/G]
     gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]
@@ -154,6 +156,7 @@ def _grouped_mma_kernel(
     n_tiles: cutlass.Constexpr,
     k_unroll: cutlass.Constexpr,
     split_halves: cutlass.Constexpr,
+    x_kind: cutlass.Constexpr,
 ):
     wait_for_previous_kernel()
     lane = cute.arch.lane_idx()
@@ -199,7 +202,7 @@ def _grouped_mma_kernel(
             k_slice = 0 if cutlass.const_expr(split_halves) else wk
             for kb in cutlass.range(k_slice * k_unroll, n_kb, warps_k * k_unroll, unroll=1):
                 _load_round(w_vecs, lane_scales, x_vecs, e, row0, n_out, xrow, kb, t, wq, sc, xq, nvfp4, warp_halves,
-                            n_tiles, k_unroll)
+                            n_tiles, k_unroll, x_kind)
                 _mma_round(wq, sc, xq, acc, nvfp4, warp_halves, n_tiles, k_unroll)
             if cutlass.const_expr(split_halves):
                 # The w3 warp hands its sums (in its acc[:, 0]) to the w1 warp of the same rows.
@@ -243,14 +246,15 @@ def grouped_mma(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_ex
                 out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
                 swiglu_limit: cutlass.Constexpr, warps_m: cutlass.Constexpr, warps_k: cutlass.Constexpr,
                 n_tiles: cutlass.Constexpr, k_unroll: cutlass.Constexpr, min_ctas: cutlass.Constexpr = 0,
-                split_halves: cutlass.Constexpr = False):
+                split_halves: cutlass.Constexpr = False, x_kind: cutlass.Constexpr = X_ORDERED):
     """min_ctas > 0: ask ptxas for registers that fit that many CTAs per SM (more warps in flight).
     split_halves (gated, warps_k == 1): the w1 and w3 rows of each 16-row group go to two warps,
-    each holding half the weight registers; the w3 warp's sums reach the epilogue through shared memory."""
+    each holding half the weight registers; the w3 warp's sums reach the epilogue through shared memory.
+    x_kind: what x_vecs holds (w4a16_sm90.X_ORDERED, X_BF16, X_F32)."""
     rows = out.shape[1]
     _grouped_mma_kernel(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_experts, active_start,
                         num_active, out, top_k, group, gated, swiglu_limit, warps_m, warps_k, n_tiles,
-                        k_unroll, split_halves).launch(
+                        k_unroll, split_halves, x_kind).launch(
         grid=[(rows + warps_m * ROWS - 1) // (warps_m * ROWS), active_experts.shape[0], 1],
         block=[32 * warps_m * (2 if split_halves else warps_k), 1, 1],
         stream=stream, use_pdl=True,

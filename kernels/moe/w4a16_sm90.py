@@ -31,6 +31,10 @@ from ..dependent_launch import wait_for_previous_kernel
 from . import activation_position
 
 E2M1_F16_CORRECTION = 2.0**14  # decoded f16 = value * 2^-14
+# What the kernels' activation tensor holds (`x_kind`): f16 in activation order (kernels.moe.pair_order;
+# the MoE, whose L1 writes h so), or a dense layer's own rows in K order, bf16 or fp32, which the
+# kernels round to f16 as they load them (one kernel fewer per dense call).
+X_ORDERED, X_BF16, X_F32 = 0, 1, 2
 
 
 def _ir(*values, loc=None, ip=None):
@@ -84,6 +88,45 @@ def _f16x2_sum(h: Int32, *, loc=None, ip=None) -> Float32:
         "add.f32 $0, a, b; }", "=f,r", loc=loc, ip=ip))
 
 
+@dsl_user_op
+def _f16x2_from_f32(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
+    """Two fp32 rounded to an f16x2 (round to nearest even, subnormals kept, as torch's .half())."""
+    return Int32(mlir_llvm.inline_asm(Int32.mlir_type, _ir(lo, hi, loc=loc, ip=ip), "cvt.rn.f16x2.f32 $0, $2, $1;",
+                                      "=r,f,f", loc=loc, ip=ip))
+
+
+@cute.jit
+def _bf16_as_f32(word: Int32, high: cutlass.Constexpr) -> Float32:
+    """The low or high bf16 of a 32-bit word as fp32 (exact: its bits on top)."""
+    bits = word & -65536 if cutlass.const_expr(high) else word << 16
+    return bits.bitcast(Float32)
+
+
+@cute.jit
+def activation_pairs(x_vecs: cute.Tensor, row: Int32, k8: Int32, x_kind: cutlass.Constexpr):
+    """Activations K = 8 k8 .. 8 k8 + 7 of row `row` as the 4 f16x2 the E2M1 pair decode meets:
+    elements (q, q + 4) for q < 4. x_vecs holds 16-byte vectors: X_ORDERED f16 in activation order
+    (logical vector 4t + w of a 128-wide K block sits at 4w + t), X_BF16 8 bf16 in K order, X_F32 4 fp32."""
+    if cutlass.const_expr(x_kind == X_ORDERED):
+        xv = x_vecs[row, (k8 & -16) | ((k8 & 3) << 2) | ((k8 >> 2) & 3), None].load()
+        pairs = (Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3]))
+    elif cutlass.const_expr(x_kind == X_BF16):  # element e: word e // 2, its high half for odd e
+        xv = x_vecs[row, k8, None].load()
+        w0, w1, w2, w3 = Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3])
+        pairs = (_f16x2_from_f32(_bf16_as_f32(w0, False), _bf16_as_f32(w2, False)),
+                 _f16x2_from_f32(_bf16_as_f32(w0, True), _bf16_as_f32(w2, True)),
+                 _f16x2_from_f32(_bf16_as_f32(w1, False), _bf16_as_f32(w3, False)),
+                 _f16x2_from_f32(_bf16_as_f32(w1, True), _bf16_as_f32(w3, True)))
+    else:  # X_F32: elements 0-3 in one vector, 4-7 in the next
+        lo = x_vecs[row, 2 * k8, None].load()
+        hi = x_vecs[row, 2 * k8 + 1, None].load()
+        pairs = (_f16x2_from_f32(Int32(lo[0]).bitcast(Float32), Int32(hi[0]).bitcast(Float32)),
+                 _f16x2_from_f32(Int32(lo[1]).bitcast(Float32), Int32(hi[1]).bitcast(Float32)),
+                 _f16x2_from_f32(Int32(lo[2]).bitcast(Float32), Int32(hi[2]).bitcast(Float32)),
+                 _f16x2_from_f32(Int32(lo[3]).bitcast(Float32), Int32(hi[3]).bitcast(Float32)))
+    return pairs
+
+
 @cute.jit
 def store_output(out: cute.Tensor, slot: Int32, n: Int32, acc: Float32, acc_up: Float32, scale: Float32,
                  scale_up: Float32, route_weight: Float32, gated: cutlass.Constexpr, swiglu_limit: cutlass.Constexpr):
@@ -102,7 +145,7 @@ def store_output(out: cute.Tensor, slot: Int32, n: Int32, acc: Float32, acc_up: 
 @cute.jit
 def _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, wq, sc, xq, nvfp4: cutlass.Constexpr,
                 halves: cutlass.Constexpr, rows: cutlass.Constexpr, token_tile: cutlass.Constexpr,
-                k_unroll: cutlass.Constexpr):
+                k_unroll: cutlass.Constexpr, x_kind: cutlass.Constexpr):
     """Every load of one round into registers: vectors v0 + 32u of the warp's weight rows, their block
     scales as fp32 (a vector past the row's end reads the last one with zero scales: adds nothing),
     and the tokens' activations for them."""
@@ -122,11 +165,10 @@ def _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, wq,
                 else:  # E8M0 2^(byte - 127) (code 0 reads as 0)
                     sc[u, r, half, 0] = Int32(Int32(lane_scales[e, row, v]) << 23).bitcast(Float32) * keep
         for tt in cutlass.range_constexpr(token_tile):
-            for q in cutlass.range_constexpr(4):
-                # logical vector 4v + q: chunk v % 4 of K block v // 4, in activation order
-                xv = x_vecs[xrow[tt], (v // 4) * 16 + 4 * q + v % 4, None].load()  # 4 f16x2
+            for q in cutlass.range_constexpr(4):  # the 8 activations of weights 32v + 8q ..
+                pairs = activation_pairs(x_vecs, xrow[tt], 4 * v + q, x_kind)
                 for j in cutlass.range_constexpr(4):
-                    xq[u, tt, q, j] = xv[j]
+                    xq[u, tt, q, j] = pairs[j]
 
 
 @cute.jit
@@ -174,7 +216,7 @@ def _acc_coord(i: int, rows: int, halves: int) -> tuple:
 
 @cute.kernel
 def _grouped_gemv_kernel(
-    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: f16 activations in activation order, 8 per vector
+    x_vecs: cute.Tensor,       # int32 [rows_in, K/8 (fp32: K/4), 4]: activations as x_kind says
     w_vecs: cute.Tensor,       # int32 [E, N, K/32, 4]: packed E2M1, 32 per 4-word vector
     scales: cute.Tensor,       # uint8 [E, N, K/G]
     gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]
@@ -193,6 +235,7 @@ def _grouped_gemv_kernel(
     rows: cutlass.Constexpr,
     token_tile: cutlass.Constexpr,
     k_unroll: cutlass.Constexpr,
+    x_kind: cutlass.Constexpr,
 ):
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
@@ -231,7 +274,7 @@ def _grouped_gemv_kernel(
                 xq = cute.make_rmem_tensor((k_unroll, token_tile, 4, 4), Int32)
                 for v0 in cutlass.range(wk * 32 * k_unroll + lane, n_vecs, warps_k * 32 * k_unroll, unroll=1):
                     _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, wq, sc, xq, nvfp4,
-                                halves, rows, token_tile, k_unroll)
+                                halves, rows, token_tile, k_unroll, x_kind)
                     _dot_round(wq, sc, xq, acc, n_valid, nvfp4, halves, rows, token_tile, k_unroll)
                 for i in cutlass.range_constexpr(n_acc):
                     acc[_acc_coord(i, rows, halves)] = cute.arch.warp_reduction_sum(acc[_acc_coord(i, rows, halves)])
@@ -261,11 +304,12 @@ def _grouped_gemv_kernel(
 def grouped_gemv(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start, num_active,
                  out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
                  swiglu_limit: cutlass.Constexpr, warps_m: cutlass.Constexpr, warps_k: cutlass.Constexpr,
-                 rows: cutlass.Constexpr, token_tile: cutlass.Constexpr, k_unroll: cutlass.Constexpr):
+                 rows: cutlass.Constexpr, token_tile: cutlass.Constexpr, k_unroll: cutlass.Constexpr,
+                 x_kind: cutlass.Constexpr = X_ORDERED):
     n_out = out.shape[1]
     _grouped_gemv_kernel(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start,
                          num_active, out, top_k, group, gated, swiglu_limit, warps_m, warps_k, rows, token_tile,
-                         k_unroll).launch(
+                         k_unroll, x_kind).launch(
         grid=[(n_out + warps_m * rows - 1) // (warps_m * rows), active_experts.shape[0], 1],
         block=[32 * warps_m * warps_k, 1, 1],
         stream=stream, use_pdl=True)

@@ -25,10 +25,17 @@ def test_dense_runner_matches_twin(fmt, name):
     g = torch.Generator(device="cuda").manual_seed(n + k)
     w = quantize_mxfp4(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
     w = mxfp4_to_nvfp4(w) if fmt == "nvfp4" else w
-    for t in (1, 2, 7, 16, 64, 513):  # the GEMV at 1, and at 2 on few row tiles (kernels.moe.dense_config)
+    # The GEMV at 1 and 2 tokens, tensor cores in 1, 2 or 4 token tiles per pass up to 32, the MoE's tiling above
+    # (kernels.linear.w4a16.dense_plan); x read as bf16 or fp32 rows.
+    for t in (1, 2, 7, 16, 29, 64, 513):
         x = torch.randn(t, k, device="cuda", generator=g).bfloat16()
         out, ref = linear_w4a16(x, w), linear_w4a16_ref(x, w)
         assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t)
+        # fp32 rows holding the same values round to the same f16 activations: the same bits out
+        assert torch.equal(linear_w4a16(x.float(), w), out), (name, t)
+        x = torch.randn(t, k, device="cuda", generator=g)
+        out, ref = linear_w4a16(x, w), linear_w4a16_ref(x, w)
+        assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t, "fp32")
 
 
 def test_dense_graph_replay_recomputes():
@@ -55,10 +62,11 @@ def test_grouped_wo_a_matches_twin(fmt, name):
     g = torch.Generator(device="cuda").manual_seed(groups)
     w = quantize_mxfp4(torch.randn(groups * rows, k, device="cuda", generator=g) * k ** -0.5)
     w = mxfp4_to_nvfp4(w) if fmt == "nvfp4" else w
-    for t in (1, 7, 64, 513):
-        x = torch.randn(t, groups * k, device="cuda", generator=g).bfloat16()
-        out, ref = linear_w4a16(x, w, groups), linear_w4a16_ref(x, w, groups)
-        assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t)
+    for t in (1, 2, 7, 16, 29, 64, 513):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(t, groups * k, device="cuda", generator=g).to(dtype)
+            out, ref = linear_w4a16(x, w, groups), linear_w4a16_ref(x, w, groups)
+            assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t, dtype)
 
 
 def test_grouped_graph_replay_recomputes():

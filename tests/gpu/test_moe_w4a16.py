@@ -166,7 +166,7 @@ def test_l1_with_halves_in_separate_warps_gives_the_same_h(fmt_name, t):
 
 GEMV_TILINGS = [dict(rows=1, k_unroll=1), dict(rows=2, k_unroll=4), dict(rows=4, k_unroll=1), dict(rows=8, k_unroll=2),
                 dict(rows=4, k_unroll=2, n_tiles=2), dict(rows=2, k_unroll=1, warps_k=4),
-                dict(rows=4, k_unroll=1, warps_k=4, n_tiles=4)]  # K split and token tiles, as dense_config combines them
+                dict(rows=4, k_unroll=1, warps_k=4, n_tiles=4)]  # K split and token tiles together
 
 
 @pytest.mark.parametrize("fmt_name", ["nvfp4", "mxfp4"])

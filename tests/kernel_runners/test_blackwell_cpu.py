@@ -23,7 +23,7 @@ def test_every_sm100a_variant_compiles():
             "attention._compiled_partials(16, 512, 512 ** -0.5, True, 'sm_100a')\n"
             "attention._compiled_combine(512, 64, True, 'sm_100a')\n"
             "print(f'compiled {n + 4} sm_100a variants')\n")
-    assert "compiled 46 sm_100a variants" in compile_for("sm_100a", code)  # the MoE's: gemv_variants, mma_variants
+    assert "compiled 42 sm_100a variants" in compile_for("sm_100a", code)  # the MoE's: gemv_variants, mma_variants
 
 
 def test_w4a4_twin_accuracy_on_a_reduced_flash_shaped_layer():

@@ -147,6 +147,58 @@ def test_dense_w4a16_rejects_shapes_it_cannot_split_into_groups():
         w4a16_launch_args(torch.randn(2, 4 * 256), w, groups=4)  # 32 rows per group
 
 
+# Every V4-Flash / V4-Pro dense projection (groups, rows per group, K) and two tiny ones.
+DENSE_SHAPES = [(1, 1024, 4096), (1, 32768, 1024), (1, 512, 4096), (1, 4096, 8192), (1, 2048, 4096), (1, 4096, 2048),
+                (1, 8192, 1024), (8, 1024, 4096), (1, 1536, 7168), (1, 65536, 1536), (1, 512, 7168),
+                (1, 7168, 16384), (1, 3072, 7168), (1, 7168, 3072), (16, 1024, 4096), (1, 64, 128), (4, 64, 256)]
+
+
+def test_dense_plan_splits_k_until_the_launch_fills_the_gpu():
+    from kernels.linear import dense_plan
+    from kernels.moe import gemm_config
+    # one token: the GEMV, two rows per warp on weights of up to 3072 rows, K split up to ~4096 warps
+    assert dense_plan(1, 1, 1024, 4096) == dict(kind="gemv", rows=2, k_unroll=1, warps_k=4, n_tiles=1)  # Flash wq_a
+    assert dense_plan(1, 1, 4096, 8192) == dict(kind="gemv", rows=4, k_unroll=1, warps_k=4, n_tiles=1)  # Flash wo_b
+    assert dense_plan(1, 1, 32768, 1024)["warps_k"] == 1  # 8192 warps of rows already
+    # two tokens: the GEMV up to 4096 rows (both tokens per pass over the weight), tensor cores above
+    assert dense_plan(2, 1, 4096, 2048) == dict(kind="gemv", rows=4, k_unroll=1, warps_k=2, n_tiles=2)
+    assert dense_plan(2, 1, 7168, 3072)["kind"] == "mma"
+    # 3-32 tokens: tensor cores, 1 / 2 / 4 token tiles per pass, fewer warps in all with more tiles
+    assert dense_plan(8, 1, 1024, 4096) == dict(kind="mma", n_tiles=1, k_unroll=2, warps_k=16, warps_m=1)
+    assert dense_plan(3, 8, 1024, 4096) == dict(kind="mma", n_tiles=1, k_unroll=2, warps_k=8)  # Flash wo_a; 4 row warps
+    assert dense_plan(16, 1, 7168, 16384) == dict(kind="mma", n_tiles=2, k_unroll=2, warps_k=4)
+    assert dense_plan(32, 1, 7168, 16384) == dict(kind="mma", n_tiles=4, k_unroll=1, warps_k=4)
+    assert dense_plan(8, 1, 8192, 1024) == dict(kind="mma", n_tiles=1, k_unroll=2, warps_k=4, warps_m=1)  # 8 K blocks
+    # prefill: the MoE kernels' own tiling
+    assert dense_plan(33, 1, 4096, 8192) == gemm_config(33, 1, 4096, 8192)
+
+
+def test_dense_plan_gives_each_warp_a_round_and_stays_in_the_compiled_variants():
+    from kernels.linear import dense_plan, dense_variants
+    variants = dense_variants()
+    assert len({tuple(sorted(v.items())) for v in variants}) == len(variants)
+    for groups, rows, k in DENSE_SHAPES:
+        for t in (*range(1, 34), 64, 513):
+            plan = dense_plan(t, groups, rows, k)
+            assert plan in variants, (groups, rows, k, t, plan)  # compile_w4a16_kernels compiles it
+            if t <= 32 and plan["kind"] == "mma":
+                assert plan["warps_k"] * plan["k_unroll"] <= max(1, k // 128), (groups, rows, k, t)
+                assert plan.get("warps_m", 4) * plan["warps_k"] <= (16 if plan["n_tiles"] == 4 else 32)
+            elif plan["kind"] == "gemv":
+                assert plan["warps_k"] <= max(1, k // 1024) and plan["n_tiles"] == t
+
+
+def test_every_dense_w4a16_variant_compiles_for_sm90a():
+    """Both formats; with one token tile for bf16 and fp32 rows (read as they are), else pair_order's."""
+    from kernels.linear.w4a16 import activation_kinds, dense_variants
+    out = compile_for("sm_90a", "from kernels.linear.w4a16 import compile_w4a16_kernels\n"
+                                "from kernels.moe import _compile_variant\n"
+                                "n = sum(compile_w4a16_kernels(fmt) for fmt in ('nvfp4', 'mxfp4'))\n"
+                                "print(f'compiled {_compile_variant.cache_info().currsize} of {n}')\n", timeout=1200)
+    n = 2 * sum(len(activation_kinds(v)) for v in dense_variants())
+    assert f"compiled {n} of {n}" in out
+
+
 def test_small_fp32_linear_plans_and_compiles_for_sm90a():
     """Every variant the planner picks for the V4 shapes linear_f32 serves at 1 to 16 tokens, BF16 and
     fp32 weights, compiles for sm_90a; the planner splits K only as far as each warp keeps a round."""

@@ -142,26 +142,6 @@ def test_kernel_variant_follows_the_expected_tokens_per_expert():
             assert knobs.pop("kind") == "mma" and knobs in mma_variants(gated)  # compile_kernels compiles it
 
 
-def test_dense_layers_with_few_row_tiles_take_the_gemv_at_two_tokens():
-    from kernels.moe import DENSE_GEMV_MAX_TOKENS, dense_config, gemv_variants, mma_variants
-    split = {"kind": "gemv", "rows": 4, "k_unroll": 1, "warps_k": 4}
-    assert DENSE_GEMV_MAX_TOKENS == 2
-    assert dense_config(1, 1, 1024, 4096) == split  # as gemm_config
-    assert dense_config(2, 1, 1024, 4096) == dict(split, n_tiles=2)
-    assert dense_config(2, 8, 1024, 4096)["kind"] == "gemv"  # Flash's grouped wo_a: 8192 rows
-    assert dense_config(3, 1, 1024, 4096)["kind"] == "mma"
-    assert dense_config(2, 1, 32768, 1024)["kind"] == "mma"  # enough row tiles: no K split
-    assert dense_config(2, 16, 1024, 4096)["kind"] == "mma"  # Pro's grouped wo_a
-    assert dense_config(2, 1, 8192, 1024) == {"kind": "gemv", "rows": 4, "k_unroll": 1, "n_tiles": 2}  # one round
-    for t in (1, 2, 3, 7, 16, 17, 64, 513):
-        for rows, k in ((1024, 4096), (4096, 8192), (8192, 1024), (32768, 1024), (7168, 16384)):
-            knobs = dict(dense_config(t, 1, rows, k))
-            if knobs["kind"] == "gemv":
-                assert knobs in gemv_variants()  # compile_kernels compiles it
-            else:
-                assert knobs.pop("kind") == "mma" and knobs in mma_variants()
-
-
 def test_activations_laid_out_beforehand_must_be_pair_order_of_x():
     """moe_w4a16 takes the caller's pair_order(x) (made on another stream) only in its shape and
     dtype: anything else fails before any launch, naming x_ordered."""

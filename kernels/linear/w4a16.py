@@ -1,0 +1,206 @@
+"""Dense NVFP4 / MXFP4 linear layers on Hopper (W4A16): the MoE's grouped kernels (kernels.moe) with
+one group per dense layer, or the block-diagonal wo_a's groups as experts, tiled for a dense weight.
+
+    linear_w4a16(x, weight, groups)      the runner (CuTe DSL, sm_90a and newer)
+    linear_w4a16_ref(x, weight, groups)  its pure-torch twin
+    dense_plan(tokens, groups, rows, k)  the kernel variant a call runs; dense_variants(): all of them
+
+Activations: the kernels can read the layer's own bf16 or fp32 rows and round them to f16 as they
+load them, which saves the kernel that lays them out before each call (kernels.moe.pair_order,
+1.5-3 us in a CUDA graph). But then each warp converts its tokens' activations for each K block
+it reads, which at 16-32 tokens costs more than decoding its weights. An H200 run of every V4
+projection both ways (bench/NOTES.md) chose: rows as they are with one token tile (up to 8
+tokens), and with 2 or 4 tiles where K is split (2 tiles) or split 16 ways (4 tiles: the smallest
+weights, where the fixed cost of the extra kernel weighs most); pair_order's layout elsewhere
+(`reads_rows_as_they_are`). Output: fp32.
+
+How a dense weight is tiled (an H200 sweep of every tiling on every V4 projection, bench/NOTES.md):
+a decode-sized call streams a weight of 0.25-60 MB once, so what matters is how many bytes are in
+flight. A dense weight has few 16-row tiles (32-4096) next to an MoE launch's hundreds of experts,
+so K is split between the warps of a CTA until the launch holds about DENSE_WARPS warps, each with
+one round of loads or more. One token: the SIMT GEMV (2 rows per warp on weights of up to 3072
+rows, for more warps); 2 tokens: the GEMV on weights of up to 4096 rows, 2 tokens per pass over
+the weight, else the tensor-core kernel, which takes 3-32 tokens in 1, 2 or 4 tiles of 8 per pass.
+Above 32 tokens (prefill) the MoE's own tiling (kernels.moe.gemm_config).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..cute_compile import target_arch
+from ..formats import MXFP4_BLOCK, NVFP4_BLOCK, Mxfp4Weight, Nvfp4Weight
+
+DENSE_WARPS = {1: 4096, 2: 2048, 4: 2048}  # per token tiles of 8 per pass (more registers each: fewer warps)
+MAX_SPLIT = 16         # warps splitting K in one CTA (with one warp of rows: 16 warps)
+GEMV_TWO_TOKENS_ROWS = 4096  # up to here two tokens take the GEMV
+GEMV_NARROW_ROWS = 3072      # up to here the GEMV takes 2 rows per warp (4 above)
+WIDE_CTA_ROW_TILES = 384     # four warps of rows per CTA (sharing activations in L1) from here
+MAX_DENSE_TOKENS = 32        # dense_plan's own tiling up to here
+
+
+def gemv_plan(tokens: int, rows: int, k: int) -> dict:
+    """The SIMT GEMV for 1-2 tokens of `rows` (all groups) x k: K split while the launch stays
+    within DENSE_WARPS[1] warps and each warp keeps a round of 32 vectors (1024 weights) per row."""
+    per_warp = 2 if rows <= GEMV_NARROW_ROWS else 4
+    row_warps, rounds = rows // per_warp, k // 1024
+    warps_k = 1
+    while 2 * warps_k <= min(rounds, 8) and row_warps * 2 * warps_k <= DENSE_WARPS[1]:
+        warps_k *= 2
+    return dict(kind="gemv", rows=per_warp, k_unroll=1, warps_k=warps_k, n_tiles=tokens)
+
+
+def mma_plan(tokens: int, row_tiles: int, k: int) -> dict:
+    """The tensor-core kernel for 2-32 tokens on `row_tiles` 16-row tiles (all groups) of K = k."""
+    n_tiles = 1 if tokens <= 8 else 2 if tokens <= 16 else 4
+    k_blocks = k // 128
+    warps_k = 1
+    while 2 * warps_k <= min(MAX_SPLIT, max(1, k_blocks // 2)) and row_tiles * 2 * warps_k <= DENSE_WARPS[n_tiles]:
+        warps_k *= 2
+    # Two K blocks per load round where a warp has them, except 4 token tiles over several rounds
+    # (their activations' registers crowd out the loads in flight).
+    k_unroll = 2 if 2 * warps_k <= k_blocks and (n_tiles < 4 or k_blocks <= 4 * warps_k) else 1
+    # Four warps of rows per CTA where the grid still covers the GPU and the CTA stays within 32
+    # warps (16 with 4 token tiles: the K split's shared-memory partials); one token tile with K
+    # split 2 or 4 ran 9-18% faster with one.
+    cta_warps = 16 if n_tiles == 4 else 32
+    wide = row_tiles >= WIDE_CTA_ROW_TILES and 4 * warps_k <= cta_warps and not (n_tiles == 1 and warps_k in (2, 4))
+    return dict(kind="mma", n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k, **({} if wide else {"warps_m": 1}))
+
+
+def dense_plan(tokens: int, groups: int, rows: int, k: int) -> dict:
+    """The kernel variant (kernels.moe's knobs, without x_kind) for `tokens` x a dense layer of
+    `groups` of `rows` x `k` (each group seeing all tokens)."""
+    from ..moe import gemm_config
+    if tokens == 1 or (tokens == 2 and groups * rows <= GEMV_TWO_TOKENS_ROWS):
+        return gemv_plan(tokens, groups * rows, k)
+    if tokens <= MAX_DENSE_TOKENS:
+        return mma_plan(tokens, groups * rows // 16, k)
+    return gemm_config(tokens, groups, rows, k)
+
+
+def dense_variants() -> list[dict]:
+    """Every variant dense_plan can return (a superset: each knob's reachable values), for warm-up
+    and the compile test."""
+    from ..moe import mma_variants
+    gemv = [dict(kind="gemv", rows=r, k_unroll=1, warps_k=w, n_tiles=n) for r in (2, 4) for w in (1, 2, 4, 8)
+            for n in (1, 2)]
+    mma = []
+    for n_tiles in (1, 2, 4):
+        for warps_k in (1, 2, 4, 8, 16):
+            for k_unroll in (1, 2):
+                if k_unroll == 1 and warps_k > 1 and n_tiles < 4:
+                    continue  # warps_k <= k_blocks / 2: two K blocks per round fit
+                for warps_m in (1, 4):
+                    if warps_m == 4 and (4 * warps_k > (16 if n_tiles == 4 else 32)
+                                         or (n_tiles == 1 and warps_k in (2, 4))):
+                        continue
+                    knobs = dict(kind="mma", n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k)
+                    mma.append(knobs if warps_m == 4 else dict(knobs, warps_m=1))  # 4: the kernel's default
+    prefill = [dict(kind="mma", **knobs) for knobs in mma_variants()]
+    return gemv + mma + [v for v in prefill if v not in mma]
+
+
+def reads_rows_as_they_are(plan: dict) -> bool:
+    """Whether the variant reads x's bf16 / fp32 rows itself rather than pair_order's f16
+    activations (see the module docstring)."""
+    if plan["kind"] == "gemv" or plan["n_tiles"] == 1:
+        return True
+    return plan["warps_k"] > 1 and (plan["n_tiles"] == 2 or plan["warps_k"] == MAX_SPLIT)
+
+
+def activation_kinds(plan: dict, x_dtype: torch.dtype | None = None) -> tuple[int, ...]:
+    """The x_kind(s) a variant is compiled for: of x_dtype, or of every dtype linear_w4a16 takes."""
+    from ..moe.w4a16_sm90 import X_BF16, X_F32, X_ORDERED
+    if not reads_rows_as_they_are(plan):
+        return (X_ORDERED,)
+    if x_dtype is None:
+        return (X_BF16, X_F32)
+    return (X_BF16 if x_dtype == torch.bfloat16 else X_F32,)
+
+
+def compile_w4a16_kernels(fmt: str, device=None) -> int:
+    """Warm-up: compile (or load from the disk cache) every dense variant for the activation
+    formats it reads -> how many."""
+    from ..moe import _compiled
+    arch = target_arch(device or ("cuda" if torch.cuda.is_available() else None))
+    count = 0
+    for knobs in dense_variants():
+        for x_kind in activation_kinds(knobs):
+            _compiled(False, NVFP4_BLOCK if fmt == "nvfp4" else MXFP4_BLOCK, arch, **knobs, x_kind=x_kind)
+            count += 1
+    return count
+
+
+def linear_w4a16_ref(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
+    """The twin of linear_w4a16: x rounded to f16 (the kernel's activation format) [T, K] @ dequant(W)^T
+    in fp32 -> fp32 [T, N]; groups > 1: the block-diagonal weight, group by group (see linear_w4a16)."""
+    if not isinstance(weight, (Nvfp4Weight, Mxfp4Weight)):
+        raise TypeError(f"linear_w4a16 takes NVFP4 or MXFP4 weights, got {type(weight).__name__}")
+    x, w = x.half().float(), weight.dequantize()
+    k, r = w.shape[1], w.shape[0] // groups
+    return torch.cat([F.linear(x[:, g * k:(g + 1) * k], w[g * r:(g + 1) * r]) for g in range(groups)], dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _groups_as_experts(tokens: int, groups: int, device: torch.device):
+    """How the MoE kernels see a dense (grouped) layer: group g is "expert" g, holding every token;
+    its input and output rows are t * groups + g of the [T * groups, K] view of x and of y. Built
+    with fill kernels (no host copies, so a first call inside a capture works too) once per shape.
+    -> (Dispatch, route weights (unused by the ungated kernel, read anyway), ones [groups, 1])."""
+    from ..moe.routing import Dispatch
+    rows = torch.arange(tokens * groups, dtype=torch.int32, device=device)
+    slots = rows.view(tokens, groups).t().contiguous().view(-1)  # group-major, token order within a group
+    d = Dispatch(slots, torch.arange(groups, dtype=torch.int32, device=device),
+                 torch.arange(0, (groups + 1) * tokens, tokens, dtype=torch.int32, device=device),
+                 torch.full((1,), groups, dtype=torch.int32, device=device))
+    ones = torch.ones(groups, 1, dtype=torch.float32, device=device)
+    return d, ones.new_ones(tokens * groups), ones
+
+
+def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
+    """The grouped kernels' operands for a dense layer (before the 16-byte vector views): x rows [T * G, K], packed weight [G, R, K/2], scale bytes [G, R, K/block],
+    the groups' global scales [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
+    from ..moe.experts import w4_parts
+    (n, k), t = weight.shape, x.shape[0]
+    r = n // groups
+    if x.shape[1] != groups * k or n % groups:
+        raise ValueError(f"linear_w4a16: x [{t}, {x.shape[1]}] and weight [{n}, {k}] do not make {groups} groups")
+    if k % 128 or r % 64:
+        raise ValueError(f"linear_w4a16: weight [{n}, {k}] in {groups} groups needs K % 128 == 0 and rows per "
+                         "group % 64 == 0")
+    packed, scales, gscale = w4_parts(weight)
+    d, route_w, ones = _groups_as_experts(t, groups, x.device)
+    if isinstance(weight, Mxfp4Weight):
+        gscale = ones  # w4_parts' ones would be a fill kernel per call
+    else:
+        gscale = gscale.reshape(1, 1) if groups == 1 else gscale.reshape(1, 1).expand(groups, 1).contiguous()
+    return (x.reshape(t * groups, k), packed.view(groups, r, -1), scales.view(groups, r, -1), gscale, route_w, d)
+
+
+def linear_w4a16(x: torch.Tensor, weight, groups: int = 1, kernel: dict | None = None) -> torch.Tensor:
+    """Dense W4A16 on the GPU: x bf16 or fp32 [T, G*K], weight NVFP4/MXFP4 [N, K] (groups == 1) or
+    the block-diagonal [G*R, K] (wo_a: group g reads x[:, g*K:(g+1)*K] and writes y[:, g*R:(g+1)*R])
+    -> fp32 [T, N]. One launch of the MoE's ungated kernel with the groups as experts (after
+    pair_order's lay-out of x above 8 tokens); `kernel`: its variant (kernels.moe's knobs, as `dense_plan` returns them, which picks it
+    by default). Graph safe (static shapes, no host syncs); compile first outside any capture (one
+    eager call, or compile_w4a16_kernels)."""
+    from ..moe import _compiled, _vecs, pair_order  # CuTe DSL is needed only here
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"linear_w4a16: x must be bfloat16 or float32, got {x.dtype}")
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # the kernels load 16-byte vectors
+        x = x.clone()
+    x_rows, packed, scales, gscale, route_w, d = w4a16_launch_args(x, weight, groups)
+    (rows_in, k), r = x_rows.shape, packed.shape[1]
+    out = torch.empty(rows_in, r, dtype=torch.float32, device=x.device)  # rows t * G + g: [T, G * R]
+    group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
+    plan = kernel or dense_plan(x.shape[0], groups, r, k)
+    x_kind, = activation_kinds(plan, x.dtype)
+    x_vecs = _vecs(x_rows if reads_rows_as_they_are(plan) else pair_order(x_rows))
+    kernel = _compiled(False, group, target_arch(x.device), **plan, x_kind=x_kind)
+    kernel(x_vecs, _vecs(packed), scales, gscale, route_w,
+           d.sorted_slots, d.active_experts, d.active_start, d.num_active, out)
+    return out.view(x.shape[0], groups * r)
