@@ -7,6 +7,10 @@ layer once does. The grouped wo_a shapes run as one launch (linear_w4a16(x, w, g
 baseline is a batched matmul over the groups.
 
     python -m bench.linear_w4a16 [--tokens 1,8,32,128,1024] [--shapes flash.wq_a,...,flash.wo_a] [--kernels]
+                                 [--x-dtype bf16|fp32]
+
+--x-dtype fp32 gives our runner fp32 activations, as the runner model feeds its dense layers (the
+BF16 baseline keeps bf16 ones).
 
 --kernels adds a column per kernel, each forced at every T: the SIMT GEMV (kernels.linear.w4a16.gemv_plan,
 2 tokens per pass) and the tensor-core kernel (mma_plan), so that dense_plan's choice can be checked
@@ -34,10 +38,12 @@ def main():
     p.add_argument("--tokens", default="1,8,32,128,1024")
     p.add_argument("--shapes", default=",".join([*SHAPES, *GROUPED]))
     p.add_argument("--kernels", action="store_true", help="also time the GEMV and the tensor-core kernel, forced")
+    p.add_argument("--x-dtype", choices=("bf16", "fp32"), default="bf16", help="our runner's activation dtype")
     a = p.parse_args()
     tokens = [int(t) for t in a.tokens.split(",")]
     g = torch.Generator(device="cuda").manual_seed(0)
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, NVFP4 weights, L2 defeated")
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, NVFP4 weights, {a.x_dtype} activations, "
+          "L2 defeated")
     forced = " gemv ms | mma ms |" if a.kernels else ""
     print(f"| projection | rows x K (groups) | T | ours ms |{forced} bf16 ms | floor ms | bf16 / ours | ours / floor |")
     print("|---|---|---|---|---|---|---|---|" + "---|---|" * a.kernels)
@@ -52,12 +58,13 @@ def main():
         flats = [f[: f.numel() // 4 * 4].view(torch.int32) for f in flats]
         for t in tokens:
             x = torch.randn(t, groups * k, device="cuda", generator=g).bfloat16()
-            ours = cold_graph_time([lambda w=w: linear_w4a16(x, w, groups) for w in ws])
+            x_ours = x.float() if a.x_dtype == "fp32" else x
+            ours = cold_graph_time([lambda w=w: linear_w4a16(x_ours, w, groups) for w in ws])
             cells = ""
             if a.kernels:
                 gemv = dict(gemv_plan(2, groups * rows, k), n_tiles=min(t, 2))
                 mma = mma_plan(min(max(t, 2), 32), groups * rows // 16, k)
-                cells = "".join(f" {cold_graph_time([lambda w=w, c=knobs: linear_w4a16(x, w, groups, c) for w in ws]):.4f} |"
+                cells = "".join(f" {cold_graph_time([lambda w=w, c=knobs: linear_w4a16(x_ours, w, groups, c) for w in ws]):.4f} |"
                                 for knobs in (gemv, mma))
             base, floor = dense_baselines(x, bf16, flats, groups)
             print(f"| {name} | {groups * rows}x{k} ({groups}) | {t} | {ours:.4f} |{cells} {base:.4f} | {floor:.4f} | "

@@ -5,23 +5,15 @@ one group per dense layer, or the block-diagonal wo_a's groups as experts, tiled
     linear_w4a16_ref(x, weight, groups)  its pure-torch twin
     dense_plan(tokens, groups, rows, k)  the kernel variant a call runs; dense_variants(): all of them
 
-Activations: the kernels can read the layer's own bf16 or fp32 rows and round them to f16 as they
-load them, which saves the kernel that lays them out before each call (kernels.moe.pair_order,
-1.5-3 us in a CUDA graph). But then each warp converts its tokens' activations for each K block
-it reads, which at 16-32 tokens costs more than decoding its weights. An H200 run of every V4
-projection both ways (bench/NOTES.md) chose: rows as they are with one token tile (up to 8
-tokens), and with 2 or 4 tiles where K is split (2 tiles) or split 16 ways (4 tiles: the smallest
-weights, where the fixed cost of the extra kernel weighs most); pair_order's layout elsewhere
-(`reads_rows_as_they_are`). Output: fp32.
-
-How a dense weight is tiled (an H200 sweep of every tiling on every V4 projection, bench/NOTES.md):
-a decode-sized call streams a weight of 0.25-60 MB once, so what matters is how many bytes are in
-flight. A dense weight has few 16-row tiles (32-4096) next to an MoE launch's hundreds of experts,
-so K is split between the warps of a CTA until the launch holds about DENSE_WARPS warps, each with
-one round of loads or more. One token: the SIMT GEMV (2 rows per warp on weights of up to 3072
-rows, for more warps); 2 tokens: the GEMV on weights of up to 4096 rows, 2 tokens per pass over
-the weight, else the tensor-core kernel, which takes 3-32 tokens in 1, 2 or 4 tiles of 8 per pass.
-Above 32 tokens (prefill) the MoE's own tiling (kernels.moe.gemm_config).
+Activations: the kernels can read the layer's own bf16 rows and round them to f16 as they load
+them, which saves the kernel that lays them out before each call (kernels.moe.pair_order, 1.5-3 us
+in a CUDA graph). But then each warp converts its tokens' activations for each K block it reads,
+which at 16-32 tokens costs more than decoding its weights. An H200 run of every V4 projection
+both ways (bench/NOTES.md) chose: rows as they are with one token tile (up to 8 tokens), and with 2
+or 4 tiles where K is split (2 tiles) or split 16 ways (4 tiles: the smallest weights, where the
+fixed cost of the extra kernel weighs most); pair_order's layout elsewhere
+(`reads_rows_as_they_are`). fp32 rows (the runner model's) always go through pair_order: read as
+they are, twice the bytes for every warp of rows, they ran 1.3-3.5x slower. Output: fp32.
 """
 from __future__ import annotations
 
@@ -104,21 +96,19 @@ def dense_variants() -> list[dict]:
 
 
 def reads_rows_as_they_are(plan: dict) -> bool:
-    """Whether the variant reads x's bf16 / fp32 rows itself rather than pair_order's f16
-    activations (see the module docstring)."""
+    """Whether the variant reads x's bf16 rows itself rather than pair_order's f16 activations
+    (see the module docstring)."""
     if plan["kind"] == "gemv" or plan["n_tiles"] == 1:
         return True
     return plan["warps_k"] > 1 and (plan["n_tiles"] == 2 or plan["warps_k"] == MAX_SPLIT)
 
 
 def activation_kinds(plan: dict, x_dtype: torch.dtype | None = None) -> tuple[int, ...]:
-    """The x_kind(s) a variant is compiled for: of x_dtype, or of every dtype linear_w4a16 takes."""
-    from ..moe.w4a16_sm90 import X_BF16, X_F32, X_ORDERED
-    if not reads_rows_as_they_are(plan):
+    """The x_kind(s) a variant is compiled for: for x of x_dtype, or for every dtype linear_w4a16 takes."""
+    from ..moe.w4a16_sm90 import X_BF16, X_ORDERED
+    if not reads_rows_as_they_are(plan) or x_dtype == torch.float32:
         return (X_ORDERED,)
-    if x_dtype is None:
-        return (X_BF16, X_F32)
-    return (X_BF16 if x_dtype == torch.bfloat16 else X_F32,)
+    return (X_BF16,) if x_dtype == torch.bfloat16 else (X_ORDERED, X_BF16)
 
 
 def compile_w4a16_kernels(fmt: str, device=None) -> int:
@@ -184,10 +174,11 @@ def linear_w4a16(x: torch.Tensor, weight, groups: int = 1, kernel: dict | None =
     """Dense W4A16 on the GPU: x bf16 or fp32 [T, G*K], weight NVFP4/MXFP4 [N, K] (groups == 1) or
     the block-diagonal [G*R, K] (wo_a: group g reads x[:, g*K:(g+1)*K] and writes y[:, g*R:(g+1)*R])
     -> fp32 [T, N]. One launch of the MoE's ungated kernel with the groups as experts (after
-    pair_order's lay-out of x above 8 tokens); `kernel`: its variant (kernels.moe's knobs, as `dense_plan` returns them, which picks it
+    pair_order's layout of x where the module docstring says); `kernel`: its variant (kernels.moe's knobs, as `dense_plan` returns them, which picks it
     by default). Graph safe (static shapes, no host syncs); compile first outside any capture (one
     eager call, or compile_w4a16_kernels)."""
     from ..moe import _compiled, _vecs, pair_order  # CuTe DSL is needed only here
+    from ..moe.w4a16_sm90 import X_ORDERED
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"linear_w4a16: x must be bfloat16 or float32, got {x.dtype}")
     x = x.contiguous()
@@ -199,7 +190,7 @@ def linear_w4a16(x: torch.Tensor, weight, groups: int = 1, kernel: dict | None =
     group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
     plan = kernel or dense_plan(x.shape[0], groups, r, k)
     x_kind, = activation_kinds(plan, x.dtype)
-    x_vecs = _vecs(x_rows if reads_rows_as_they_are(plan) else pair_order(x_rows))
+    x_vecs = _vecs(pair_order(x_rows) if x_kind == X_ORDERED else x_rows)
     kernel = _compiled(False, group, target_arch(x.device), **plan, x_kind=x_kind)
     kernel(x_vecs, _vecs(packed), scales, gscale, route_w,
            d.sorted_slots, d.active_experts, d.active_start, d.num_active, out)

@@ -43,7 +43,7 @@ def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: in
     splitting rows per CTA, a register bound of `min_ctas` CTAs per SM (0: none; `register_bound`
     gives the default), and for L1 whether w1 and w3 rows go to separate warps (`split_halves`, not
     with K splitting). top_k and swiglu_limit matter to L1 (gated) only. x_kind: the activations'
-    format (w4a16_sm90.X_ORDERED: pair_order's, which the MoE uses; a dense layer's bf16 or fp32 rows)."""
+    format (w4a16_sm90.X_ORDERED: pair_order's, which the MoE uses; X_BF16: a dense layer's bf16 rows)."""
     if not gated:
         top_k, swiglu_limit, split_halves = 1, 0.0, False  # one compiled L2 serves every MoE and dense layer
     if split_halves and warps_k != 1:

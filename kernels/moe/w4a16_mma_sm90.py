@@ -137,7 +137,7 @@ def _mma_round(wq, sc, xq, acc, nvfp4: cutlass.Constexpr, halves: cutlass.Conste
 
 @cute.kernel
 def _grouped_mma_kernel(
-    x_vecs: cute.Tensor,       # int32 [rows_in, K/8 (fp32: K/4), 4]: activations as x_kind says (w4a16_sm90)
+    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: activations as x_kind says (w4a16_sm90)
     w_vecs: cute.Tensor,       # int32 [E, N, K/32, 4]: packed E2M1, 32 per 4-word vector
     scales: cute.Tensor,       # uint8 [E, N, K/G]
     gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]
@@ -250,7 +250,7 @@ def grouped_mma(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_ex
     """min_ctas > 0: ask ptxas for registers that fit that many CTAs per SM (more warps in flight).
     split_halves (gated, warps_k == 1): the w1 and w3 rows of each 16-row group go to two warps,
     each holding half the weight registers; the w3 warp's sums reach the epilogue through shared memory.
-    x_kind: what x_vecs holds (w4a16_sm90.X_ORDERED, X_BF16, X_F32)."""
+    x_kind: what x_vecs holds (w4a16_sm90.X_ORDERED or X_BF16)."""
     rows = out.shape[1]
     _grouped_mma_kernel(x_vecs, w_vecs, scales, gscale, route_w, sorted_slots, active_experts, active_start,
                         num_active, out, top_k, group, gated, swiglu_limit, warps_m, warps_k, n_tiles,

@@ -32,9 +32,9 @@ from . import activation_position
 
 E2M1_F16_CORRECTION = 2.0**14  # decoded f16 = value * 2^-14
 # What the kernels' activation tensor holds (`x_kind`): f16 in activation order (kernels.moe.pair_order;
-# the MoE, whose L1 writes h so), or a dense layer's own rows in K order, bf16 or fp32, which the
-# kernels round to f16 as they load them (one kernel fewer per dense call).
-X_ORDERED, X_BF16, X_F32 = 0, 1, 2
+# the MoE, whose L1 writes h so), or a dense layer's own bf16 rows in K order, which the kernels
+# round to f16 as they load them (one kernel fewer per dense call; kernels.linear.w4a16 says where).
+X_ORDERED, X_BF16 = 0, 1
 
 
 def _ir(*values, loc=None, ip=None):
@@ -106,24 +106,17 @@ def _bf16_as_f32(word: Int32, high: cutlass.Constexpr) -> Float32:
 def activation_pairs(x_vecs: cute.Tensor, row: Int32, k8: Int32, x_kind: cutlass.Constexpr):
     """Activations K = 8 k8 .. 8 k8 + 7 of row `row` as the 4 f16x2 the E2M1 pair decode meets:
     elements (q, q + 4) for q < 4. x_vecs holds 16-byte vectors: X_ORDERED f16 in activation order
-    (logical vector 4t + w of a 128-wide K block sits at 4w + t), X_BF16 8 bf16 in K order, X_F32 4 fp32."""
+    (logical vector 4t + w of a 128-wide K block sits at 4w + t), X_BF16 8 bf16 in K order."""
     if cutlass.const_expr(x_kind == X_ORDERED):
         xv = x_vecs[row, (k8 & -16) | ((k8 & 3) << 2) | ((k8 >> 2) & 3), None].load()
         pairs = (Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3]))
-    elif cutlass.const_expr(x_kind == X_BF16):  # element e: word e // 2, its high half for odd e
+    else:  # X_BF16, element e: word e // 2, its high half for odd e
         xv = x_vecs[row, k8, None].load()
         w0, w1, w2, w3 = Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3])
         pairs = (_f16x2_from_f32(_bf16_as_f32(w0, False), _bf16_as_f32(w2, False)),
                  _f16x2_from_f32(_bf16_as_f32(w0, True), _bf16_as_f32(w2, True)),
                  _f16x2_from_f32(_bf16_as_f32(w1, False), _bf16_as_f32(w3, False)),
                  _f16x2_from_f32(_bf16_as_f32(w1, True), _bf16_as_f32(w3, True)))
-    else:  # X_F32: elements 0-3 in one vector, 4-7 in the next
-        lo = x_vecs[row, 2 * k8, None].load()
-        hi = x_vecs[row, 2 * k8 + 1, None].load()
-        pairs = (_f16x2_from_f32(Int32(lo[0]).bitcast(Float32), Int32(hi[0]).bitcast(Float32)),
-                 _f16x2_from_f32(Int32(lo[1]).bitcast(Float32), Int32(hi[1]).bitcast(Float32)),
-                 _f16x2_from_f32(Int32(lo[2]).bitcast(Float32), Int32(hi[2]).bitcast(Float32)),
-                 _f16x2_from_f32(Int32(lo[3]).bitcast(Float32), Int32(hi[3]).bitcast(Float32)))
     return pairs
 
 
@@ -216,7 +209,7 @@ def _acc_coord(i: int, rows: int, halves: int) -> tuple:
 
 @cute.kernel
 def _grouped_gemv_kernel(
-    x_vecs: cute.Tensor,       # int32 [rows_in, K/8 (fp32: K/4), 4]: activations as x_kind says
+    x_vecs: cute.Tensor,       # int32 [rows_in, K/8, 4]: activations as x_kind says
     w_vecs: cute.Tensor,       # int32 [E, N, K/32, 4]: packed E2M1, 32 per 4-word vector
     scales: cute.Tensor,       # uint8 [E, N, K/G]
     gscale: cute.Tensor,       # fp32  [E, 2] (gated: w1 half, w3 half) or [E, 1]

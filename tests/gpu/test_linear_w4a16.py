@@ -26,12 +26,12 @@ def test_dense_runner_matches_twin(fmt, name):
     w = quantize_mxfp4(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
     w = mxfp4_to_nvfp4(w) if fmt == "nvfp4" else w
     # The GEMV at 1 and 2 tokens, tensor cores in 1, 2 or 4 token tiles per pass up to 32, the MoE's tiling above
-    # (kernels.linear.w4a16.dense_plan); x read as bf16 or fp32 rows.
+    # (kernels.linear.w4a16.dense_plan); bf16 x read as rows where the plan says, fp32 x through pair_order.
     for t in (1, 2, 7, 16, 29, 64, 513):
         x = torch.randn(t, k, device="cuda", generator=g).bfloat16()
         out, ref = linear_w4a16(x, w), linear_w4a16_ref(x, w)
         assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t)
-        # fp32 rows holding the same values round to the same f16 activations: the same bits out
+        # fp32 x holding the same values rounds to the same f16 activations: the same bits out
         assert torch.equal(linear_w4a16(x.float(), w), out), (name, t)
         x = torch.randn(t, k, device="cuda", generator=g)
         out, ref = linear_w4a16(x, w), linear_w4a16_ref(x, w)

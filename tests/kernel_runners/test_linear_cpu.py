@@ -189,7 +189,7 @@ def test_dense_plan_gives_each_warp_a_round_and_stays_in_the_compiled_variants()
 
 
 def test_every_dense_w4a16_variant_compiles_for_sm90a():
-    """Both formats; with one token tile for bf16 and fp32 rows (read as they are), else pair_order's."""
+    """Both formats; pair_order's activations for every variant, bf16 rows too where a variant reads them."""
     from kernels.linear.w4a16 import activation_kinds, dense_variants
     out = compile_for("sm_90a", "from kernels.linear.w4a16 import compile_w4a16_kernels\n"
                                 "from kernels.moe import _compile_variant\n"
