@@ -5,15 +5,13 @@ one group per dense layer, or the block-diagonal wo_a's groups as experts, tiled
     linear_w4a16_ref(x, weight, groups)  its pure-torch twin
     dense_plan(tokens, groups, rows, k)  the kernel variant a call runs; dense_variants(): all of them
 
-Activations: the kernels can read the layer's own bf16 rows and round them to f16 as they load
-them, which saves the kernel that lays them out before each call (kernels.moe.pair_order, 1.5-3 us
-in a CUDA graph). But then each warp converts its tokens' activations for each K block it reads,
-which at 16-32 tokens costs more than decoding its weights. An H200 run of every V4 projection
-both ways (bench/NOTES.md) chose: rows as they are with one token tile (up to 8 tokens), and with 2
-or 4 tiles where K is split (2 tiles) or split 16 ways (4 tiles: the smallest weights, where the
-fixed cost of the extra kernel weighs most); pair_order's layout elsewhere
-(`reads_rows_as_they_are`). fp32 rows (the runner model's) always go through pair_order: read as
-they are, twice the bytes for every warp of rows, they ran 1.3-3.5x slower. Output: fp32.
+Activations: with one token tile per pass (the GEMV at one token, the tensor-core kernel at up to
+8) the kernels read the layer's own bf16 rows and round them to f16 as they load them, which saves
+the kernel that lays them out before each call (kernels.moe.pair_order, a programmatic dependent
+launch: 0-1.3 us more per call on an H200). With more tokens per pass every warp would convert them
+all for each K block it reads, more work than decoding its weights: there, and for fp32 rows (the
+runner model's: twice the bytes for every warp of rows to re-read; 1.3-3.5x slower), pair_order
+lays them out first. H200 runs of both ways on every V4 projection are in bench/NOTES.md. Output: fp32.
 """
 from __future__ import annotations
 
@@ -96,11 +94,9 @@ def dense_variants() -> list[dict]:
 
 
 def reads_rows_as_they_are(plan: dict) -> bool:
-    """Whether the variant reads x's bf16 rows itself rather than pair_order's f16 activations
-    (see the module docstring)."""
-    if plan["kind"] == "gemv" or plan["n_tiles"] == 1:
-        return True
-    return plan["warps_k"] > 1 and (plan["n_tiles"] == 2 or plan["warps_k"] == MAX_SPLIT)
+    """Whether the variant reads x's bf16 rows itself rather than pair_order's f16 activations: with
+    one token tile per pass (see the module docstring)."""
+    return plan["n_tiles"] == 1
 
 
 def activation_kinds(plan: dict, x_dtype: torch.dtype | None = None) -> tuple[int, ...]:
@@ -114,8 +110,9 @@ def activation_kinds(plan: dict, x_dtype: torch.dtype | None = None) -> tuple[in
 def compile_w4a16_kernels(fmt: str, device=None) -> int:
     """Warm-up: compile (or load from the disk cache) every dense variant for the activation
     formats it reads -> how many."""
-    from ..moe import _compiled
+    from ..moe import _compiled, compile_layout_kernels
     arch = target_arch(device or ("cuda" if torch.cuda.is_available() else None))
+    compile_layout_kernels(arch)
     count = 0
     for knobs in dense_variants():
         for x_kind in activation_kinds(knobs):

@@ -28,7 +28,7 @@ from .experts import StackedExperts, moe_w4a16_ref, slot_outputs, stack_experts,
 from .routing import Dispatch, dispatch, route_hash, route_topk
 
 __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "unstack", "dispatch", "Dispatch",
-           "route_topk", "route_hash", "compile_kernels", "dispatch_fused"]
+           "route_topk", "route_hash", "compile_kernels", "dispatch_fused", "pair_order", "pair_order_ref"]
 
 
 def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: int = 1, k_unroll: int = 2,
@@ -217,19 +217,50 @@ def compile_kernels(fmt: str, top_k: int, swiglu_limit: float, device=None, num_
             _compiled(gated, group, arch, top_k=top_k, swiglu_limit=swiglu_limit, **knobs)
         for knobs in mma_variants(gated):
             _compiled(gated, group, arch, "mma", top_k=top_k, swiglu_limit=swiglu_limit, **knobs)
+    compile_layout_kernels(arch)
     if num_experts is not None:
         _compiled_dispatch(num_experts, arch)
 
 
-def pair_order(x: torch.Tensor) -> torch.Tensor:
+def compile_layout_kernels(arch: str) -> None:
+    """pair_order's kernel for bf16 and fp32 activations."""
+    from .w4a16_sm90 import X_BF16, X_F32
+    for x_kind in (X_BF16, X_F32):
+        _compiled_layout(x_kind, arch)
+
+
+def pair_order_ref(x: torch.Tensor) -> torch.Tensor:
     """Activations [T, D] (bf16 or fp32, D % 128 == 0) as f16 in the W4A16 kernels' activation
     order. Within each 8: pairs (0,4),(1,5),(2,6),(3,7), which the E2M1 pair decode produces. Within
     each 128-wide K block, whose four 32-wide chunks t go to the lanes t = lane % 4, vector w of
     chunk t sits at 4w + t, so the four lanes of a token read 64 contiguous bytes per load."""
     t, d = x.shape
     out = torch.empty(t, d, dtype=torch.float16, device=x.device)
-    # logical (block, chunk t, vector w, half h, j) -> physical (block, w, t, j, h): one permute + convert kernel
+    # logical (block, chunk t, vector w, half h, j) -> physical (block, w, t, j, h): one permute + convert
     out.view(t, d // 128, 4, 4, 4, 2).copy_(x.view(t, d // 128, 4, 4, 2, 4).permute(0, 1, 3, 2, 5, 4))
+    return out
+
+
+@functools.cache
+def _compiled_layout(x_kind: int, arch: str):
+    import cutlass
+
+    from .layout_sm90 import layout_launch
+    return compile_tvm_ffi(layout_launch, (fake(cutlass.Int32, None, None, 4), fake(cutlass.Int32, None, None, 4)),
+                           (x_kind,))
+
+
+def pair_order(x: torch.Tensor) -> torch.Tensor:
+    """pair_order_ref's layout (its twin, bit for bit): on a Hopper or newer GPU one kernel
+    (kernels.moe.layout_sm90) for bf16 or fp32 x, a programmatic dependent launch; else torch.
+    Graph safe; compile first outside any capture (compile_kernels, or one eager call)."""
+    from .w4a16_sm90 import X_BF16, X_F32
+    if not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9 and x.dtype in (torch.bfloat16, torch.float32)
+            and x.is_contiguous() and x.data_ptr() % 16 == 0 and x.dim() == 2 and x.shape[1] % 128 == 0):
+        return pair_order_ref(x)
+    out = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    kernel = _compiled_layout(X_BF16 if x.dtype == torch.bfloat16 else X_F32, target_arch(x.device))
+    kernel(_vecs(x), _vecs(out))
     return out
 
 

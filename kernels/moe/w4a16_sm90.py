@@ -35,6 +35,7 @@ E2M1_F16_CORRECTION = 2.0**14  # decoded f16 = value * 2^-14
 # the MoE, whose L1 writes h so), or a dense layer's own bf16 rows in K order, which the kernels
 # round to f16 as they load them (one kernel fewer per dense call; kernels.linear.w4a16 says where).
 X_ORDERED, X_BF16 = 0, 1
+X_F32 = 2  # fp32 rows: what the layout kernel (layout_sm90) reads; the GEMMs are not compiled for it
 
 
 def _ir(*values, loc=None, ip=None):
@@ -106,18 +107,32 @@ def _bf16_as_f32(word: Int32, high: cutlass.Constexpr) -> Float32:
 def activation_pairs(x_vecs: cute.Tensor, row: Int32, k8: Int32, x_kind: cutlass.Constexpr):
     """Activations K = 8 k8 .. 8 k8 + 7 of row `row` as the 4 f16x2 the E2M1 pair decode meets:
     elements (q, q + 4) for q < 4. x_vecs holds 16-byte vectors: X_ORDERED f16 in activation order
-    (logical vector 4t + w of a 128-wide K block sits at 4w + t), X_BF16 8 bf16 in K order."""
+    (logical vector 4t + w of a 128-wide K block sits at 4w + t), X_BF16 8 bf16 in K order, X_F32 4 fp32."""
     if cutlass.const_expr(x_kind == X_ORDERED):
-        xv = x_vecs[row, (k8 & -16) | ((k8 & 3) << 2) | ((k8 >> 2) & 3), None].load()
+        xv = x_vecs[row, ordered_position(k8), None].load()
         pairs = (Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3]))
-    else:  # X_BF16, element e: word e // 2, its high half for odd e
+    elif cutlass.const_expr(x_kind == X_BF16):  # element e: word e // 2, its high half for odd e
         xv = x_vecs[row, k8, None].load()
         w0, w1, w2, w3 = Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3])
         pairs = (_f16x2_from_f32(_bf16_as_f32(w0, False), _bf16_as_f32(w2, False)),
                  _f16x2_from_f32(_bf16_as_f32(w0, True), _bf16_as_f32(w2, True)),
                  _f16x2_from_f32(_bf16_as_f32(w1, False), _bf16_as_f32(w3, False)),
                  _f16x2_from_f32(_bf16_as_f32(w1, True), _bf16_as_f32(w3, True)))
+    else:  # X_F32: elements 0-3 in one vector, 4-7 in the next
+        lo = x_vecs[row, 2 * k8, None].load()
+        hi = x_vecs[row, 2 * k8 + 1, None].load()
+        pairs = (_f16x2_from_f32(Int32(lo[0]).bitcast(Float32), Int32(hi[0]).bitcast(Float32)),
+                 _f16x2_from_f32(Int32(lo[1]).bitcast(Float32), Int32(hi[1]).bitcast(Float32)),
+                 _f16x2_from_f32(Int32(lo[2]).bitcast(Float32), Int32(hi[2]).bitcast(Float32)),
+                 _f16x2_from_f32(Int32(lo[3]).bitcast(Float32), Int32(hi[3]).bitcast(Float32)))
     return pairs
+
+
+@cute.jit
+def ordered_position(k8: Int32) -> Int32:
+    """Where logical 8-vector k8 of a row sits in the activation order (within each 128-wide K
+    block, vector w of chunk t at 4w + t)."""
+    return (k8 & -16) | ((k8 & 3) << 2) | ((k8 >> 2) & 3)
 
 
 @cute.jit

@@ -204,3 +204,23 @@ def test_every_gemv_tiling_computes_the_default_ones_result(fmt_name, tiling):
             assert torch.equal(h0, h1) and torch.equal(y0, y1)
         else:
             assert rel_err(h1.float(), h0.float()) < 1e-3 and rel_err(y1, y0) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_activation_layout_kernel_is_its_twin_bit_for_bit(dtype):
+    """pair_order's kernel (kernels.moe.layout_sm90) against pair_order_ref: values across f16's
+    range, its subnormals and beyond it (inf), and in a CUDA graph on new inputs."""
+    from kernels.moe import pair_order, pair_order_ref
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for t, d in ((1, 128), (3, 4096), (513, 7168)):
+        x = torch.randn(t, d, device="cuda", generator=g) * torch.exp2(torch.randint(-30, 18, (t, d), device="cuda",
+                                                                                   generator=g).float())
+        x = x.to(dtype)
+        assert torch.equal(pair_order(x), pair_order_ref(x)), (t, d)
+    x = torch.randn(8, 4096, device="cuda", generator=g).to(dtype)
+    graph, out = capture(lambda: pair_order(x))
+    for _ in range(2):
+        x.copy_(torch.randn(8, 4096, device="cuda", generator=g).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, pair_order_ref(x))

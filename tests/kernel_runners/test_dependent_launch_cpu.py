@@ -18,6 +18,7 @@ KERNELS = {  # label: the compile call, each from its own module's compile funct
     "fp8 gemm": "_compiled_fp8_gemm(*fp8_plan(1, 4096, 8192), False, arch)",
     "small linear": "_compiled_small_linear(True, 8, 1, arch)",
     "moe dispatch": "_compiled_dispatch(256, arch)",
+    "activation layout": "_compiled_layout(2, arch)",
     "moe L1 gemv": "_compiled(True, 16, arch, 'gemv', top_k=6, swiglu_limit=10.0, **GEMV_L1)",
     "moe L2 gemv": "_compiled(False, 16, arch, 'gemv', **GEMV_L2)",
     "moe L1 mma": "_compiled(True, 16, arch, 'mma', top_k=6, swiglu_limit=10.0, **mma_variants(True)[0])",
@@ -31,7 +32,7 @@ def _compile_and_keep_ptx(dump: str) -> None:
     code = [f"import glob, os\nos.environ['CUTE_DSL_KEEP_PTX'] = '1'\nos.environ['CUTE_DSL_DUMP_DIR'] = {dump!r}",
             "from kernels import attention, mhc",
             "from kernels.linear import _compiled_fp8_gemm, _compiled_quant, _compiled_small_linear, fp8_plan",
-            "from kernels.moe import GEMV_L1, GEMV_L2, _compiled, _compiled_dispatch, mma_variants",
+            "from kernels.moe import GEMV_L1, GEMV_L2, _compiled, _compiled_dispatch, _compiled_layout, mma_variants",
             "arch = 'sm_90a'"]
     for label, call in KERNELS.items():
         code += [call, f"[ptx] = glob.glob({dump!r} + '/cutlass_*.ptx')",
