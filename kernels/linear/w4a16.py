@@ -52,12 +52,16 @@ def mma_plan(tokens: int, row_tiles: int, k: int) -> dict:
     # Two K blocks per load round where a warp has them, except 4 token tiles over several rounds
     # (their activations' registers crowd out the loads in flight).
     k_unroll = 2 if 2 * warps_k <= k_blocks and (n_tiles < 4 or k_blocks <= 4 * warps_k) else 1
-    # Four warps of rows per CTA where the grid still covers the GPU and the CTA stays within 32
-    # warps (16 with 4 token tiles: the K split's shared-memory partials); one token tile with K
-    # split 2 or 4 ran 9-18% faster with one.
-    cta_warps = 16 if n_tiles == 4 else 32
-    wide = row_tiles >= WIDE_CTA_ROW_TILES and 4 * warps_k <= cta_warps and not (n_tiles == 1 and warps_k in (2, 4))
+    # Four warps of rows per CTA (sharing activations in L1) where the grid still covers the GPU.
+    wide = row_tiles >= WIDE_CTA_ROW_TILES and _four_row_warps_fit(n_tiles, warps_k)
     return dict(kind="mma", n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k, **({} if wide else {"warps_m": 1}))
+
+
+def _four_row_warps_fit(n_tiles: int, warps_k: int) -> bool:
+    """Whether a CTA may hold four warps of rows: it stays within 32 warps (16 with 4 token tiles:
+    the K split's shared-memory partials), and not at one token tile with K split 2 or 4, which ran
+    9-18% faster with one."""
+    return 4 * warps_k <= (16 if n_tiles == 4 else 32) and not (n_tiles == 1 and warps_k in (2, 4))
 
 
 def dense_plan(tokens: int, groups: int, rows: int, k: int) -> dict:
@@ -84,8 +88,7 @@ def dense_variants() -> list[dict]:
                 if k_unroll == 1 and warps_k > 1 and n_tiles < 4:
                     continue  # warps_k <= k_blocks / 2: two K blocks per round fit
                 for warps_m in (1, 4):
-                    if warps_m == 4 and (4 * warps_k > (16 if n_tiles == 4 else 32)
-                                         or (n_tiles == 1 and warps_k in (2, 4))):
+                    if warps_m == 4 and not _four_row_warps_fit(n_tiles, warps_k):
                         continue
                     knobs = dict(kind="mma", n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k)
                     mma.append(knobs if warps_m == 4 else dict(knobs, warps_m=1))  # 4: the kernel's default
@@ -148,8 +151,9 @@ def _groups_as_experts(tokens: int, groups: int, device: torch.device):
 
 
 def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
-    """The grouped kernels' operands for a dense layer (before the 16-byte vector views): x rows [T * G, K], packed weight [G, R, K/2], scale bytes [G, R, K/block],
-    the groups' global scales [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
+    """The grouped kernels' operands for a dense layer (before the 16-byte vector views): x rows
+    [T * G, K], packed weight [G, R, K/2], scale bytes [G, R, K/block], the groups' global scales
+    [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
     from ..moe.experts import w4_parts
     (n, k), t = weight.shape, x.shape[0]
     r = n // groups
@@ -171,8 +175,8 @@ def linear_w4a16(x: torch.Tensor, weight, groups: int = 1, kernel: dict | None =
     """Dense W4A16 on the GPU: x bf16 or fp32 [T, G*K], weight NVFP4/MXFP4 [N, K] (groups == 1) or
     the block-diagonal [G*R, K] (wo_a: group g reads x[:, g*K:(g+1)*K] and writes y[:, g*R:(g+1)*R])
     -> fp32 [T, N]. One launch of the MoE's ungated kernel with the groups as experts (after
-    pair_order's layout of x where the module docstring says); `kernel`: its variant (kernels.moe's knobs, as `dense_plan` returns them, which picks it
-    by default). Graph safe (static shapes, no host syncs); compile first outside any capture (one
+    pair_order's layout of x where the module docstring says); `kernel`: its variant (kernels.moe's
+    knobs, as `dense_plan` returns them, which picks it by default). Graph safe (static shapes, no host syncs); compile first outside any capture (one
     eager call, or compile_w4a16_kernels)."""
     from ..moe import _compiled, _vecs, pair_order  # CuTe DSL is needed only here
     from ..moe.w4a16_sm90 import X_ORDERED
