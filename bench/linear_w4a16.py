@@ -13,8 +13,8 @@ baseline is a batched matmul over the groups.
 BF16 baseline keeps bf16 ones).
 
 --kernels adds a column per kernel, each forced at every T: the SIMT GEMV (kernels.linear.w4a16.gemv_plan,
-2 tokens per pass) and the tensor-core kernel (mma_plan), so that dense_plan's choice can be checked
-against both.
+2 tokens per pass), the mma.sync kernel (mma_plan) and, up to 32 tokens, the wgmma kernel (wgmma_plan),
+so that dense_plan's choice can be checked against each.
 """
 import argparse
 
@@ -23,7 +23,7 @@ import torch
 from bench.timing import cold_graph_time, dense_baselines, l2_defeat_copies, require_gpu
 from kernels.formats import Nvfp4Weight, mxfp4_to_nvfp4, quantize_mxfp4
 from kernels.linear import linear_w4a16
-from kernels.linear.w4a16 import gemv_plan, mma_plan
+from kernels.linear.w4a16 import gemv_plan, mma_plan, wgmma_plan
 from tests.gpu.test_linear_w4a16 import GROUPED, SHAPES
 
 
@@ -37,16 +37,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="1,8,32,128,1024")
     p.add_argument("--shapes", default=",".join([*SHAPES, *GROUPED]))
-    p.add_argument("--kernels", action="store_true", help="also time the GEMV and the tensor-core kernel, forced")
+    p.add_argument("--kernels", action="store_true", help="also time each kernel, forced")
     p.add_argument("--x-dtype", choices=("bf16", "fp32"), default="bf16", help="our runner's activation dtype")
     a = p.parse_args()
     tokens = [int(t) for t in a.tokens.split(",")]
     g = torch.Generator(device="cuda").manual_seed(0)
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, NVFP4 weights, {a.x_dtype} activations, "
           "L2 defeated")
-    forced = " gemv ms | mma ms |" if a.kernels else ""
+    forced = " gemv ms | mma ms | wgmma ms |" if a.kernels else ""
     print(f"| projection | rows x K (groups) | T | ours ms |{forced} bf16 ms | floor ms | bf16 / ours | ours / floor |")
-    print("|---|---|---|---|---|---|---|---|" + "---|---|" * a.kernels)
+    print("|---|---|---|---|---|---|---|---|" + "---|---|---|" * a.kernels)
     for name in a.shapes.split(","):
         groups, rows, k = shape_of(name)
         w0 = mxfp4_to_nvfp4(quantize_mxfp4(torch.randn(groups * rows, k, device="cuda", generator=g) * k ** -0.5))
@@ -64,8 +64,9 @@ def main():
             if a.kernels:
                 gemv = dict(gemv_plan(2, groups * rows, k), n_tiles=min(t, 2))
                 mma = mma_plan(min(max(t, 2), 32), groups * rows // 16, k)
+                wgmma = wgmma_plan(t, rows, k, groups) if t <= 32 and k % 512 == 0 else None
                 cells = "".join(f" {cold_graph_time([lambda w=w, c=knobs: linear_w4a16(x_ours, w, groups, c) for w in ws]):.4f} |"
-                                for knobs in (gemv, mma))
+                                if knobs else " - |" for knobs in (gemv, mma, wgmma))
             base, floor = dense_baselines(x, bf16, flats, groups)
             print(f"| {name} | {groups * rows}x{k} ({groups}) | {t} | {ours:.4f} |{cells} {base:.4f} | {floor:.4f} | "
                   f"{base / ours:.2f}x | {ours / floor:.2f}x |", flush=True)

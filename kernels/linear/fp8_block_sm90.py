@@ -42,15 +42,11 @@ from cutlass.cutlass_dsl import dsl_user_op
 from cutlass.utils import LayoutEnum
 
 from ..dependent_launch import wait_for_previous_kernel
+from .swapped_gemm_sm90 import (WARPGROUP, add_consumer_sums, consumer_stage, cta_work, make_ring, produce,
+                                store_tile)
 
 TILE_M = 64    # weight rows per CTA: one m64 wgmma
 TILE_K = 128   # one scale block per pipeline stage
-WARPGROUP = 128  # threads; consumer warpgroups come first (wgmma needs warpgroup-aligned warps)
-
-
-def _stage(j, stages):
-    """The ring position of the CTA's j-th K block, consumer side (phase starts at 0)."""
-    return pipeline.PipelineState(stages, j, j % stages, (j // stages) % 2)
 
 
 @cute.kernel
@@ -72,16 +68,9 @@ def _kernel(
     e8m0: cutlass.Constexpr,
 ):
     tidx, _, _ = cute.arch.thread_idx()
-    warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-    wg = warp // 4
-    bn, bm, bz = cute.arch.block_idx()  # token tiles fastest: CTAs sharing a weight tile run together
-    group = bz // splits
-    split = bz % splits
+    warp, wg, bn, bm, group, split, k_begin, n_blocks = cta_work(splits, x_scale.shape[1])
     rows = mA.shape[0]
     tokens = x_scale.shape[0]
-    k_blocks = x_scale.shape[1]
-    k_begin = split * k_blocks // splits
-    n_blocks = (split + 1) * k_blocks // splits - k_begin
     producer_warp = 4 * consumers
 
     if warp == producer_warp:
@@ -97,12 +86,7 @@ def _kernel(
     exchange = smem.allocate_tensor(Float32, cute.make_layout((per_thread, WARPGROUP, max(consumers - 1, 1))), 16)
     stage_bytes = (cute.size_in_bytes(FP8, cute.slice_(a_staged, (None, None, 0)))
                    + cute.size_in_bytes(FP8, cute.slice_(b_staged, (None, None, 0))))
-    ring = pipeline.PipelineTmaAsync.create(
-        barrier_storage=barriers, num_stages=stages,
-        producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-        consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4),  # one warpgroup per stage
-        tx_count=stage_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=True)
-    pipeline.pipeline_init_arrive(is_relaxed=True)
+    ring = make_ring(barriers, stages, stage_bytes)
 
     # (TILE_M, TILE_K, RestM, RestK, RestL) and (tile_n, TILE_K, RestN, RestK, RestL)
     gA = cute.local_tile(mA, (TILE_M, TILE_K), (None, None, None))
@@ -114,32 +98,7 @@ def _kernel(
     pipeline.pipeline_init_wait()
 
     if warp == producer_warp:
-        # Launched beside the kernel before it (programmatic dependent launch, where that kernel lets
-        # it start early): the first stages' weight tiles do not depend on that kernel and load at
-        # once; the tokens, its output, once it has finished.
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
-        ahead = cutlass.min(n_blocks, stages)
-        for j in cutlass.range(ahead, unroll=1):
-            ring.producer_acquire(state)
-            cute.copy(tma_a, tAgA[(None, bm, k_begin + j, group)], tAsA[(None, state.index)],
-                      tma_bar_ptr=ring.producer_get_barrier(state))
-            state.advance()
-        wait_for_previous_kernel()
-        early = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
-        for j in cutlass.range(ahead, unroll=1):
-            cute.copy(tma_b, tBgB[(None, bn, k_begin + j, group)], tBsB[(None, early.index)],
-                      tma_bar_ptr=ring.producer_get_barrier(early))
-            ring.producer_commit(early)
-            early.advance()
-        for j in cutlass.range(ahead, n_blocks, unroll=1):
-            ring.producer_acquire(state)
-            cute.copy(tma_a, tAgA[(None, bm, k_begin + j, group)], tAsA[(None, state.index)],
-                      tma_bar_ptr=ring.producer_get_barrier(state))
-            cute.copy(tma_b, tBgB[(None, bn, k_begin + j, group)], tBsB[(None, state.index)],
-                      tma_bar_ptr=ring.producer_get_barrier(state))
-            ring.producer_commit(state)
-            state.advance()
-        ring.producer_tail(state)
+        produce(ring, stages, n_blocks, k_begin, bm, bn, group, tma_a, tAgA, tAsA, tma_b, tBgB, tBsB)
 
     if warp < producer_warp:
         wait_for_previous_kernel()  # the scales and the output, like the tokens, wait for the kernel before
@@ -162,7 +121,7 @@ def _kernel(
                 sw = w_scale[w_row_block, k]
             for i in cutlass.range_constexpr(per_thread):
                 scale[i] = sw * x_scale[cutlass.min(bn * tile_n + coords[i][1], tokens - 1), k, group]
-            stage = _stage(j, stages)
+            stage = consumer_stage(j, stages)
             ring.consumer_wait(stage)
             warpgroup.fence()
             tiled_mma.set(warpgroup.Field.ACCUMULATE, False)
@@ -176,52 +135,11 @@ def _kernel(
             for i in cutlass.range_constexpr(per_thread):
                 acc[i] = acc[i] + part[i] * scale[i]
 
-        if cutlass.const_expr(consumers > 1):  # warpgroups 1.. hand their sums to warpgroup 0
-            if wg > 0:
-                for i in cutlass.range_constexpr(per_thread):
-                    exchange[i, lane_in_wg, wg - 1] = acc[i]
-            cute.arch.barrier(barrier_id=2, number_of_threads=WARPGROUP * consumers)
-            if wg == 0:
-                for c in cutlass.range_constexpr(1, consumers):
-                    for i in cutlass.range_constexpr(per_thread):
-                        acc[i] = acc[i] + exchange[i, lane_in_wg, c - 1]
-
+        add_consumer_sums(acc, exchange, wg, lane_in_wg, consumers)
         if wg == 0:
-            if cutlass.const_expr(splits == 1):
-                for i in cutlass.range_constexpr(per_thread):
-                    t = bn * tile_n + coords[i][1]
-                    if t < tokens:
-                        out[t, group * rows + bm * TILE_M + coords[i][0]] = acc[i].to(out.element_type)
-            else:
-                # Serial split-K: every split stores its fp32 partial; the split that arrives last
-                # (a counter per output tile) sums all partials in split order, so the result does
-                # not depend on which split finished first, and resets the counter for the next launch.
-                for i in cutlass.range_constexpr(per_thread):
-                    t = bn * tile_n + coords[i][1]
-                    if t < tokens:
-                        partials[split, t, group * rows + bm * TILE_M + coords[i][0]] = acc[i]
-                _warpgroup0_sync()  # then one fence makes all the CTA's stores visible before arriving
-                tile_id = (group * cute.arch.grid_dim()[1] + bm) * cute.arch.grid_dim()[0] + bn
-                if tidx == 0:
-                    cute.arch.fence_acq_rel_gpu()
-                    arrived[0] = cute.arch.atomic_add(counters.iterator + tile_id, Int32(1), scope="gpu")
-                _warpgroup0_sync()
-                if arrived[0] == splits - 1:
-                    cute.arch.fence_acq_rel_gpu()
-                    for i in cutlass.range_constexpr(per_thread):
-                        t = bn * tile_n + coords[i][1]
-                        if t < tokens:
-                            col = group * rows + bm * TILE_M + coords[i][0]
-                            total = Float32(0.0)
-                            for s in cutlass.range_constexpr(splits):
-                                total = total + partials[s, t, col]
-                            out[t, col] = total.to(out.element_type)
-                    if tidx == 0:
-                        counters[tile_id] = 0
-
-
-def _warpgroup0_sync():
-    cute.arch.barrier(barrier_id=1, number_of_threads=WARPGROUP)
+            tile_id = (group * cute.arch.grid_dim()[1] + bm) * cute.arch.grid_dim()[0] + bn
+            store_tile(acc, coords, out, partials, counters, arrived, tokens, bn * tile_n, group * rows + bm * TILE_M,
+                       split, tile_id, tidx, splits)
 
 
 @cute.jit

@@ -1,5 +1,6 @@
-"""Dense NVFP4 / MXFP4 linear layers on Hopper (W4A16): the MoE's grouped kernels (kernels.moe) with
-one group per dense layer, or the block-diagonal wo_a's groups as experts, tiled for a dense weight.
+"""Dense NVFP4 / MXFP4 linear layers on Hopper (W4A16): a wgmma kernel of their own at 9-32 tokens
+(kernels.linear.w4a16_wgmma_sm90), else the MoE's grouped kernels (kernels.moe) with one group per
+dense layer, or the block-diagonal wo_a's groups as experts, tiled for a dense weight.
 
     linear_w4a16(x, weight, groups)      the runner (CuTe DSL, sm_90a and newer)
     linear_w4a16_ref(x, weight, groups)  its pure-torch twin
@@ -11,7 +12,7 @@ the kernel that lays them out before each call (kernels.moe.pair_order, a progra
 launch: 0-1.3 us more per call on an H200). With more tokens per pass every warp would convert them
 all for each K block it reads, more work than decoding its weights: there, and for fp32 rows (the
 runner model's: twice the bytes for every warp of rows to re-read; 1.3-3.5x slower), pair_order
-lays them out first. H200 runs of both ways on every V4 projection are in bench/NOTES.md. Output: fp32.
+lays them out first, as it always does for the wgmma kernel (TMA copies them as they lie). H200 runs of both ways on every V4 projection are in bench/NOTES.md. Output: fp32.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ GEMV_TWO_TOKENS_ROWS = 4096  # up to here two tokens take the GEMV
 GEMV_NARROW_ROWS = 3072      # up to here the GEMV takes 2 rows per warp (4 above)
 WIDE_CTA_ROW_TILES = 384     # four warps of rows per CTA (sharing activations in L1) from here
 MAX_DENSE_TOKENS = 32        # dense_plan's own tiling up to here
+MMA_MAX_TOKENS = 8           # the mma.sync kernel up to here, the wgmma kernel above (K % 512 == 0)
 
 
 def gemv_plan(tokens: int, rows: int, k: int) -> dict:
@@ -65,13 +67,15 @@ def _four_row_warps_fit(n_tiles: int, warps_k: int) -> bool:
 
 
 def dense_plan(tokens: int, groups: int, rows: int, k: int) -> dict:
-    """The kernel variant (kernels.moe's knobs, without x_kind) for `tokens` x a dense layer of
-    `groups` of `rows` x `k` (each group seeing all tokens)."""
+    """The kernel variant for `tokens` x a dense layer of `groups` of `rows` x `k` (each group seeing
+    all tokens): the wgmma kernel's knobs (kind "wgmma"), or kernels.moe's without x_kind."""
     from ..moe import gemm_config
     if tokens == 1 or (tokens == 2 and groups * rows <= GEMV_TWO_TOKENS_ROWS):
         return gemv_plan(tokens, groups * rows, k)
-    if tokens <= MAX_DENSE_TOKENS:
+    if tokens <= MMA_MAX_TOKENS or (tokens <= MAX_DENSE_TOKENS and k % 512):
         return mma_plan(tokens, groups * rows // 16, k)
+    if tokens <= MAX_DENSE_TOKENS:
+        return wgmma_plan(tokens, rows, k, groups)
     return gemm_config(tokens, groups, rows, k)
 
 
@@ -93,13 +97,13 @@ def dense_variants() -> list[dict]:
                     knobs = dict(kind="mma", n_tiles=n_tiles, k_unroll=k_unroll, warps_k=warps_k)
                     mma.append(knobs if warps_m == 4 else dict(knobs, warps_m=1))  # 4: the kernel's default
     prefill = [dict(kind="mma", **knobs) for knobs in mma_variants()]
-    return gemv + mma + [v for v in prefill if v not in mma]
+    return gemv + mma + [v for v in prefill if v not in mma] + wgmma_variants()
 
 
 def reads_rows_as_they_are(plan: dict) -> bool:
     """Whether the variant reads x's bf16 rows itself rather than pair_order's f16 activations: with
-    one token tile per pass (see the module docstring)."""
-    return plan["n_tiles"] == 1
+    one token tile per pass of the MoE's kernels (see the module docstring); never the wgmma kernel."""
+    return plan["kind"] != "wgmma" and plan["n_tiles"] == 1
 
 
 def activation_kinds(plan: dict, x_dtype: torch.dtype | None = None) -> tuple[int, ...]:
@@ -118,10 +122,82 @@ def compile_w4a16_kernels(fmt: str, device=None) -> int:
     compile_layout_kernels(arch)
     count = 0
     for knobs in dense_variants():
+        if knobs["kind"] == "wgmma":
+            _compiled_wgmma(*(knobs[key] for key in ("tile_n", "stages", "splits", "consumers")), fmt == "nvfp4", arch)
+            count += 1
+            continue
         for x_kind in activation_kinds(knobs):
             _compiled(False, NVFP4_BLOCK if fmt == "nvfp4" else MXFP4_BLOCK, arch, **knobs, x_kind=x_kind)
             count += 1
     return count
+
+
+WGMMA_TOKEN_TILES = (16, 32)  # the wgmma's N (dense_plan gives it 9-32 tokens)
+WGMMA_SPLITS = (1, 2, 4, 8)
+WGMMA_ONE_CONSUMER_TILES = 512  # from here one consumer warpgroup per CTA (4 stages), else two (8)
+WGMMA_FEW_CTAS = 64             # K splits fill the GPU up to here, then only with 8+ stages per split
+
+
+def wgmma_plan(tokens: int, rows: int, k: int, groups: int = 1, sms: int = 132) -> dict:
+    """The wgmma kernel (kernels.linear.w4a16_wgmma_sm90) for 9-32 tokens x `groups` of `rows` x k,
+    a rule fitted to an H200 sweep of every V4 projection at 8-32 tokens (bench/NOTES.md): K split
+    over CTAs up to one wave, while the launch has fewer than WGMMA_FEW_CTAS CTAs (each consumer
+    warpgroup keeping a stage per split) or each split keeps 8 stages; one consumer warpgroup per
+    CTA on weights of many tiles (smaller CTAs, more of them per SM), two on the rest."""
+    tile_n = next(t for t in WGMMA_TOKEN_TILES if t >= tokens)
+    tiles, k_stages = rows // 64 * groups, k // 256
+    consumers = 1 if tiles >= WGMMA_ONE_CONSUMER_TILES else 2
+    splits = 1
+    while 2 * splits <= WGMMA_SPLITS[-1] and 2 * splits * tiles <= sms:
+        per_split = k_stages // (2 * splits)
+        if per_split < 8 and not (tiles * splits < WGMMA_FEW_CTAS and per_split >= consumers):
+            break
+        splits *= 2
+    return dict(kind="wgmma", tile_n=tile_n, stages=4 if consumers == 1 else 8, splits=splits, consumers=consumers)
+
+
+def wgmma_variants() -> list[dict]:
+    """Every variant wgmma_plan can return."""
+    return [dict(kind="wgmma", tile_n=t, stages=4 if c == 1 else 8, splits=s, consumers=c)
+            for t in WGMMA_TOKEN_TILES for s in WGMMA_SPLITS for c in (1, 2)]
+
+
+@functools.cache
+def _compiled_wgmma(tile_n: int, stages: int, splits: int, consumers: int, nvfp4: bool, arch: str):
+    import cutlass
+
+    from ..cute_compile import compile_tvm_ffi, fake
+    from .w4a16_wgmma_sm90 import w4a16_wgmma
+    args = (fake(cutlass.Uint8, None, None, None, order=(1, 0, 2)),    # packed weights (R, K/2, L)
+            fake(cutlass.Float16, None, None, None, order=(2, 0, 1)),  # activations (T, K, L)
+            fake(cutlass.Uint8, None, None, None, order=(1, 0, 2)),    # scale bytes (R, K/16 or K/32, L)
+            fake(cutlass.Float32, None), fake(cutlass.Float32, None, None),
+            fake(cutlass.Float32, None, None, None), fake(cutlass.Int32, None))
+    return compile_tvm_ffi(w4a16_wgmma, args, (tile_n, stages, splits, consumers, nvfp4))
+
+
+@functools.lru_cache(maxsize=8)
+def _one(device: torch.device) -> torch.Tensor:
+    """An MXFP4 weight's global scale (made once: a fill kernel per call would add a launch)."""
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
+def _linear_w4a16_wgmma(x: torch.Tensor, weight, groups: int, plan: dict) -> torch.Tensor:
+    from ..moe import pair_order
+    from ..moe.experts import w4_parts
+    from . import _batched, _counters
+    packed, scales, gscale = w4_parts(weight)
+    nvfp4 = isinstance(weight, Nvfp4Weight)
+    t, rows = x.shape[0], weight.shape[0] // groups
+    out = torch.empty(t, weight.shape[0], dtype=torch.float32, device=x.device)
+    partials = torch.empty(plan["splits"] if plan["splits"] > 1 else 0, t, weight.shape[0], dtype=torch.float32,
+                           device=x.device)
+    tiles = rows // 64 * -(-t // plan["tile_n"]) * groups
+    kernel = _compiled_wgmma(plan["tile_n"], plan["stages"], plan["splits"], plan["consumers"], nvfp4,
+                             target_arch(x.device))
+    kernel(_batched(packed, groups, False), _batched(pair_order(x), groups, True), _batched(scales, groups, False),
+           gscale.reshape(1) if nvfp4 else _one(x.device), out, partials, _counters(x.device, tiles))
+    return out
 
 
 def linear_w4a16_ref(x: torch.Tensor, weight, groups: int = 1) -> torch.Tensor:
@@ -150,18 +226,23 @@ def _groups_as_experts(tokens: int, groups: int, device: torch.device):
     return d, ones.new_ones(tokens * groups), ones
 
 
+def _check_shapes(x: torch.Tensor, weight, groups: int) -> None:
+    (n, k), t = weight.shape, x.shape[0]
+    if x.shape[1] != groups * k or n % groups:
+        raise ValueError(f"linear_w4a16: x [{t}, {x.shape[1]}] and weight [{n}, {k}] do not make {groups} groups")
+    if k % 128 or n // groups % 64:
+        raise ValueError(f"linear_w4a16: weight [{n}, {k}] in {groups} groups needs K % 128 == 0 and rows per "
+                         "group % 64 == 0")
+
+
 def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
     """The grouped kernels' operands for a dense layer (before the 16-byte vector views): x rows
     [T * G, K], packed weight [G, R, K/2], scale bytes [G, R, K/block], the groups' global scales
     [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
     from ..moe.experts import w4_parts
+    _check_shapes(x, weight, groups)
     (n, k), t = weight.shape, x.shape[0]
     r = n // groups
-    if x.shape[1] != groups * k or n % groups:
-        raise ValueError(f"linear_w4a16: x [{t}, {x.shape[1]}] and weight [{n}, {k}] do not make {groups} groups")
-    if k % 128 or r % 64:
-        raise ValueError(f"linear_w4a16: weight [{n}, {k}] in {groups} groups needs K % 128 == 0 and rows per "
-                         "group % 64 == 0")
     packed, scales, gscale = w4_parts(weight)
     d, route_w, ones = _groups_as_experts(t, groups, x.device)
     if isinstance(weight, Mxfp4Weight):
@@ -185,11 +266,14 @@ def linear_w4a16(x: torch.Tensor, weight, groups: int = 1, kernel: dict | None =
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels load 16-byte vectors
         x = x.clone()
+    plan = kernel or dense_plan(x.shape[0], groups, weight.shape[0] // groups, weight.shape[1])
+    if plan["kind"] == "wgmma":
+        _check_shapes(x, weight, groups)
+        return _linear_w4a16_wgmma(x, weight, groups, plan)
     x_rows, packed, scales, gscale, route_w, d = w4a16_launch_args(x, weight, groups)
     (rows_in, k), r = x_rows.shape, packed.shape[1]
     out = torch.empty(rows_in, r, dtype=torch.float32, device=x.device)  # rows t * G + g: [T, G * R]
     group = NVFP4_BLOCK if isinstance(weight, Nvfp4Weight) else MXFP4_BLOCK
-    plan = kernel or dense_plan(x.shape[0], groups, r, k)
     x_kind, = activation_kinds(plan, x.dtype)
     x_vecs = _vecs(pair_order(x_rows) if x_kind == X_ORDERED else x_rows)
     kernel = _compiled(False, group, target_arch(x.device), **plan, x_kind=x_kind)

@@ -25,7 +25,7 @@ def test_dense_runner_matches_twin(fmt, name):
     g = torch.Generator(device="cuda").manual_seed(n + k)
     w = quantize_mxfp4(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5)
     w = mxfp4_to_nvfp4(w) if fmt == "nvfp4" else w
-    # The GEMV at 1 and 2 tokens, tensor cores in 1, 2 or 4 token tiles per pass up to 32, the MoE's tiling above
+    # The GEMV at 1 and 2 tokens, mma.sync up to 8, the wgmma kernel up to 32, the MoE's tiling above
     # (kernels.linear.w4a16.dense_plan); bf16 x read as rows where the plan says, fp32 x through pair_order.
     for t in (1, 2, 7, 16, 29, 64, 513):
         x = torch.randn(t, k, device="cuda", generator=g).bfloat16()
@@ -38,17 +38,32 @@ def test_dense_runner_matches_twin(fmt, name):
         assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, (name, t, "fp32")
 
 
-def test_dense_graph_replay_recomputes():
+@pytest.mark.parametrize("t", [8, 24])  # mma.sync; wgmma with K split (its counters reset for the next replay)
+def test_dense_graph_replay_recomputes(t):
     g = torch.Generator(device="cuda").manual_seed(0)
     w = mxfp4_to_nvfp4(quantize_mxfp4(torch.randn(2048, 4096, device="cuda", generator=g) / 64))
-    x = torch.randn(8, 4096, device="cuda", generator=g).bfloat16()
+    x = torch.randn(t, 4096, device="cuda", generator=g).bfloat16()
     graph, out = capture(lambda: linear_w4a16(x, w))
     for _ in range(2):
-        x.copy_(torch.randn(8, 4096, device="cuda", generator=g).bfloat16())
+        x.copy_(torch.randn(t, 4096, device="cuda", generator=g).bfloat16())
         graph.replay()
         torch.cuda.synchronize()
         ref = linear_w4a16_ref(x, w)
         assert ((out - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_every_wgmma_variant_matches_twin(fmt):
+    """Each token tile, K split and consumer count of the wgmma kernel (kernels.linear.w4a16.wgmma_variants),
+    forced on Flash wo_b, at a token count that leaves part of the tile empty."""
+    from kernels.linear.w4a16 import wgmma_variants
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = quantize_mxfp4(torch.randn(4096, 8192, device="cuda", generator=g) * 8192 ** -0.5)
+    w = mxfp4_to_nvfp4(w) if fmt == "nvfp4" else w
+    for plan in wgmma_variants():
+        x = torch.randn(plan["tile_n"] - 3, 8192, device="cuda", generator=g).bfloat16()
+        out, ref = linear_w4a16(x, w, kernel=plan), linear_w4a16_ref(x, w)
+        assert ((out - ref).norm() / ref.norm()).item() <= 1e-2, plan
 
 
 # Block-diagonal wo_a (groups, rows per group, K per group): one launch, the groups as experts.

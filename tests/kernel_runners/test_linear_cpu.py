@@ -163,12 +163,17 @@ def test_dense_plan_splits_k_until_the_launch_fills_the_gpu():
     # two tokens: the GEMV up to 4096 rows (both tokens per pass over the weight), tensor cores above
     assert dense_plan(2, 1, 4096, 2048) == dict(kind="gemv", rows=4, k_unroll=1, warps_k=2, n_tiles=2)
     assert dense_plan(2, 1, 7168, 3072)["kind"] == "mma"
-    # 3-32 tokens: tensor cores, 1 / 2 / 4 token tiles per pass, fewer warps in all with more tiles
+    # 3-8 tokens: mma.sync, one token tile per pass
     assert dense_plan(8, 1, 1024, 4096) == dict(kind="mma", n_tiles=1, k_unroll=2, warps_k=16, warps_m=1)
     assert dense_plan(3, 8, 1024, 4096) == dict(kind="mma", n_tiles=1, k_unroll=2, warps_k=8)  # Flash wo_a; 4 row warps
-    assert dense_plan(16, 1, 7168, 16384) == dict(kind="mma", n_tiles=2, k_unroll=2, warps_k=4)
-    assert dense_plan(32, 1, 7168, 16384) == dict(kind="mma", n_tiles=4, k_unroll=1, warps_k=4)
     assert dense_plan(8, 1, 8192, 1024) == dict(kind="mma", n_tiles=1, k_unroll=2, warps_k=4, warps_m=1)  # 8 K blocks
+    # 9-32 tokens: wgmma; K split while there are few CTAs (or 8+ stages per split), one consumer on many tiles
+    assert dense_plan(16, 1, 7168, 16384) == dict(kind="wgmma", tile_n=16, stages=8, splits=1, consumers=2)  # Pro wo_b
+    assert dense_plan(32, 1, 1024, 4096) == dict(kind="wgmma", tile_n=32, stages=8, splits=4, consumers=2)  # Flash wq_a
+    assert dense_plan(29, 1, 512, 7168)["splits"] == 8                                                # Pro wkv
+    assert dense_plan(32, 1, 4096, 8192)["splits"] == 2                                               # Flash wo_b
+    assert dense_plan(9, 1, 65536, 1536) == dict(kind="wgmma", tile_n=16, stages=4, splits=1, consumers=1)  # Pro wq_b
+    assert dense_plan(16, 1, 64, 128)["kind"] == "mma"  # K % 512 != 0: whole stages and scale rows need it
     # prefill: the MoE kernels' own tiling
     assert dense_plan(33, 1, 4096, 8192) == gemm_config(33, 1, 4096, 8192)
 
@@ -186,15 +191,37 @@ def test_dense_plan_gives_each_warp_a_round_and_stays_in_the_compiled_variants()
                 assert plan.get("warps_m", 4) * plan["warps_k"] <= (16 if plan["n_tiles"] == 4 else 32)
             elif plan["kind"] == "gemv":
                 assert plan["warps_k"] <= max(1, k // 1024) and plan["n_tiles"] == t
+            elif plan["kind"] == "wgmma":  # every consumer warpgroup of every split has a stage
+                assert k // 256 // plan["splits"] >= plan["consumers"] and plan["tile_n"] >= t, (groups, rows, k, t)
+
+
+def test_wgmma_w4a16_k_order_meets_each_weight_with_its_activation():
+    """The wgmma kernel's K order (kernels.linear.w4a16_wgmma_sm90): at K step s, lane q's A words
+    hold E2M1 pair q (elements q, q + 4) of 8-vector s // 2 of chunks 2(s % 2) (MMA columns 2q, 2q+1)
+    and 2(s % 2) + 1 (columns 2q+8, 2q+9); B is pair_order's f16 at columns 16s.. of the block as it
+    lies. Each weight must meet its own activation: checked on distinct random values."""
+    from kernels.moe import pair_order_ref
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    b_operand, x16 = pair_order_ref(x).float(), x.half().float()
+    for block in range(4):
+        for s in range(8):
+            for q in range(4):
+                for half in range(2):
+                    chunk = 2 * (s % 2) + half
+                    for e in range(2):  # the f16x2's low and high halves: elements q and q + 4
+                        k = 128 * block + 32 * chunk + 8 * (s // 2) + q + 4 * e
+                        column = 128 * block + 16 * s + 2 * q + 8 * half + e
+                        assert torch.equal(b_operand[:, column], x16[:, k]), (block, s, q, half, e)
 
 
 def test_every_dense_w4a16_variant_compiles_for_sm90a():
     """Both formats; pair_order's activations for every variant, bf16 rows too where a variant reads them."""
     from kernels.linear.w4a16 import activation_kinds, dense_variants
-    out = compile_for("sm_90a", "from kernels.linear.w4a16 import compile_w4a16_kernels\n"
+    out = compile_for("sm_90a", "from kernels.linear.w4a16 import _compiled_wgmma, compile_w4a16_kernels\n"
                                 "from kernels.moe import _compile_variant\n"
                                 "n = sum(compile_w4a16_kernels(fmt) for fmt in ('nvfp4', 'mxfp4'))\n"
-                                "print(f'compiled {_compile_variant.cache_info().currsize} of {n}')\n", timeout=1200)
+                                "done = _compile_variant.cache_info().currsize + _compiled_wgmma.cache_info().currsize\n"
+                                "print(f'compiled {done} of {n}')\n", timeout=1200)
     n = 2 * sum(len(activation_kinds(v)) for v in dense_variants())
     assert f"compiled {n} of {n}" in out
 
