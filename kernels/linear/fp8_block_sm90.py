@@ -137,9 +137,8 @@ def _kernel(
 
         add_consumer_sums(acc, exchange, wg, lane_in_wg, consumers)
         if wg == 0:
-            tile_id = (group * cute.arch.grid_dim()[1] + bm) * cute.arch.grid_dim()[0] + bn
             store_tile(acc, coords, out, partials, counters, arrived, tokens, bn * tile_n, group * rows + bm * TILE_M,
-                       split, tile_id, tidx, splits)
+                       split, tidx, splits)
 
 
 @cute.jit

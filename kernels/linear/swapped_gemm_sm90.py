@@ -106,7 +106,7 @@ def add_consumer_sums(acc: cute.Tensor, exchange: cute.Tensor, wg: Int32, lane_i
 @cute.jit
 def store_tile(acc: cute.Tensor, coords: cute.Tensor, out: cute.Tensor, partials: cute.Tensor,
                counters: cute.Tensor, arrived: cute.Tensor, tokens: Int32, token0: Int32, col0: Int32,
-               split: Int32, tile_id: Int32, tidx: Int32, splits: cutlass.Constexpr):
+               split: Int32, tidx: Int32, splits: cutlass.Constexpr):
     """Warpgroup 0 only: value i of `acc` is out[token0 + coords[i][1], col0 + coords[i][0]] (tokens
     past `tokens` are dropped). splits > 1: partials [splits, tokens, cols] fp32, counters int32 per
     tile (zero between launches, left at zero), `arrived` one int32 of shared memory."""
@@ -122,6 +122,9 @@ def store_tile(acc: cute.Tensor, coords: cute.Tensor, out: cute.Tensor, partials
             if t < tokens:
                 partials[split, t, col0 + coords[i][0]] = acc[i]
         warpgroup0_sync()  # then one fence makes all the CTA's stores visible before arriving
+        bx, by, bz = cute.arch.block_idx()
+        gx, gy, _ = cute.arch.grid_dim()
+        tile_id = (bz // splits * gy + by) * gx + bx  # the output tile's counter: one per (group, weight, token) tile
         if tidx == 0:
             cute.arch.fence_acq_rel_gpu()
             arrived[0] = cute.arch.atomic_add(counters.iterator + tile_id, Int32(1), scope="gpu")

@@ -60,45 +60,46 @@ SCALE_TILE_BYTES = TILE_M * SCALE_ROW_BYTES
 
 
 @cute.jit
-def _decode_block(sW: cute.Tensor, sS: cute.Tensor, stage: Int32, k: Int32, half: cutlass.Constexpr,
+def _decode_block(sW: cute.Tensor, sS: cute.Tensor, stage: Int32, k: Int32, block: cutlass.Constexpr,
                   local_row: Int32, q: Int32, a_words: cute.Tensor, nvfp4: cutlass.Constexpr):
-    """This lane's A fragment for K block `half` of stage k from its bytes: rows local_row and local_row + 8,
-    E2M1 pair q of every word, times its block scale (f16x2, exact; see the module docstring)."""
+    """This lane's A fragment for 128-wide K block `block` (0, 1) of stage k, from the stage's bytes:
+    rows local_row and local_row + 8, E2M1 pair q of every word, times its block scale (f16x2,
+    exact; see the module docstring)."""
     wq = cute.make_rmem_tensor((2, 16), Int32)  # the rows' 16 words: vector c, word w at 4c + w
     sc = cute.make_rmem_tensor((2, 8), Int32)   # their scales, the same f16 in both halves
     for r in cutlass.range_constexpr(2):
         lr = local_row + 8 * r
         for c in cutlass.range_constexpr(4):  # 128-byte swizzle: vector v of row lr sits at v ^ (lr % 8)
-            vec = sW[lr, (c + 4 * half) ^ (lr & 7), None, stage].load()
+            vec = sW[lr, (c + 4 * block) ^ (lr & 7), None, stage].load()
             for w in cutlass.range_constexpr(4):
                 wq[r, 4 * c + w] = vec[w]
-        if cutlass.const_expr(nvfp4):  # 8 E4M3 bytes (one per 16): words 2 half, 2 half + 1 of the row's 16
+        if cutlass.const_expr(nvfp4):  # 8 E4M3 bytes (one per 16): words 2 block, 2 block + 1 of the row's 16
             for h in cutlass.range_constexpr(2):
-                word = sS[lr, 2 * half + h, stage]
+                word = sS[lr, 2 * block + h, stage]
                 for p in cutlass.range_constexpr(2):
                     pair = _e4m3_pair_to_f16x2(word >> (16 * p))
                     sc[r, 4 * h + 2 * p] = _prmt(pair, 0x1010)
                     sc[r, 4 * h + 2 * p + 1] = _prmt(pair, 0x3232)
-        else:  # 4 E8M0 bytes (one per 32): word 2 (k % 2) + half
-            word = sS[lr, 2 * (k % 2) + half, stage]
+        else:  # 4 E8M0 bytes (one per 32): word 2 (k % 2) + block
+            word = sS[lr, 2 * (k % 2) + block, stage]
             for c in cutlass.range_constexpr(4):
                 sc[r, c] = _scale_f16x2((word >> (8 * c)) & 0xFF, False)
     for s in cutlass.range_constexpr(STEPS):
         w = s // 2
-        for half in cutlass.range_constexpr(2):  # columns 2q.. from chunk c, 2q+8.. from chunk c + 1
-            c = 2 * (s % 2) + half
+        for side in cutlass.range_constexpr(2):  # columns 2q.. from chunk c, 2q+8.. from chunk c + 1
+            c = 2 * (s % 2) + side
             for r in cutlass.range_constexpr(2):
                 block_scale = sc[r, 2 * c + w // 2] if cutlass.const_expr(nvfp4) else sc[r, c]
-                a_words[4 * s + 2 * half + r] = _hmul2(_e2m1_pair(wq[r, 4 * c + w] >> (4 * q), 0), block_scale)
+                a_words[4 * s + 2 * side + r] = _hmul2(_e2m1_pair(wq[r, 4 * c + w] >> (4 * q), 0), block_scale)
 
 
 @cute.jit
 def _issue(tiled_mma: cute.TiledMma, acc: cute.Tensor, a_frag: cute.Tensor, tCrB: cute.Tensor, stage: Int32,
-           half: cutlass.Constexpr):
-    """The wgmmas of K block `half` of a stage, as one commit group."""
+           block: cutlass.Constexpr):
+    """The wgmmas of K block `block` of a stage, as one commit group."""
     warpgroup.fence()
     for s in cutlass.range_constexpr(STEPS):
-        cute.gemm(tiled_mma, acc, a_frag[(None, None, s)], tCrB[(None, None, STEPS * half + s, stage)], acc)
+        cute.gemm(tiled_mma, acc, a_frag[(None, None, s)], tCrB[(None, None, STEPS * block + s, stage)], acc)
     warpgroup.commit_group()
 
 
@@ -184,11 +185,11 @@ def _kernel(
         for j in cutlass.range(wg, n_stages, consumers, unroll=1):
             stage = consumer_stage(j, stages)
             ring.consumer_wait(stage)
-            for half in cutlass.range_constexpr(2):
-                _decode_block(sW, sS, stage.index, k_begin + j, half, local_row, q, a_words[half], nvfp4)
-                _issue(tiled_mma, acc, a_frags[half], tCrB, stage.index, half)
-                warpgroup.wait_group(1)  # the fragment decoded next is free; after half 0, the stage before is done
-                if half == 0 and j - consumers >= wg:
+            for block in cutlass.range_constexpr(2):
+                _decode_block(sW, sS, stage.index, k_begin + j, block, local_row, q, a_words[block], nvfp4)
+                _issue(tiled_mma, acc, a_frags[block], tCrB, stage.index, block)
+                warpgroup.wait_group(1)  # the fragment decoded next is free; after block 0, the stage before is done
+                if block == 0 and j - consumers >= wg:
                     ring.consumer_release(consumer_stage(j - consumers, stages))
         warpgroup.wait_group(0)
         if n_stages > wg:
@@ -199,9 +200,8 @@ def _kernel(
             scale = global_scale[0] * (E2M1_F16_CORRECTION if cutlass.const_expr(nvfp4) else 1.0)
             for i in cutlass.range_constexpr(per_thread):
                 acc[i] = acc[i] * scale
-            tile_id = (group * cute.arch.grid_dim()[1] + bm) * cute.arch.grid_dim()[0] + bn
             store_tile(acc, coords, out, partials, counters, arrived, tokens, bn * tile_n, group * rows + bm * TILE_M,
-                       split, tile_id, tidx, splits)
+                       split, tidx, splits)
 
 
 @cute.jit
