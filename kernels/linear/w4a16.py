@@ -176,17 +176,18 @@ def _compiled_wgmma(tile_n: int, stages: int, splits: int, consumers: int, nvfp4
     return compile_tvm_ffi(w4a16_wgmma, args, (tile_n, stages, splits, consumers, nvfp4))
 
 
-@functools.lru_cache(maxsize=8)
-def _one(device: torch.device) -> torch.Tensor:
-    """An MXFP4 weight's global scale (made once: a fill kernel per call would add a launch)."""
-    return torch.ones(1, dtype=torch.float32, device=device)
+@functools.lru_cache(maxsize=64)
+def _ones(groups: int, device: torch.device) -> torch.Tensor:
+    """An MXFP4 weight's global scales, fp32 [groups, 1] (made once: a fill kernel per call would
+    add a launch to every layer)."""
+    return torch.ones(groups, 1, dtype=torch.float32, device=device)
 
 
 def _linear_w4a16_wgmma(x: torch.Tensor, weight, groups: int, plan: dict) -> torch.Tensor:
     from ..moe import pair_order
-    from ..moe.experts import w4_parts
+    from ..moe.experts import w4_bytes
     from . import _batched, _counters
-    packed, scales, gscale = w4_parts(weight)
+    packed, scales = w4_bytes(weight)
     nvfp4 = isinstance(weight, Nvfp4Weight)
     t, rows = x.shape[0], weight.shape[0] // groups
     out = torch.empty(t, weight.shape[0], dtype=torch.float32, device=x.device)
@@ -196,7 +197,8 @@ def _linear_w4a16_wgmma(x: torch.Tensor, weight, groups: int, plan: dict) -> tor
     kernel = _compiled_wgmma(plan["tile_n"], plan["stages"], plan["splits"], plan["consumers"], nvfp4,
                              target_arch(x.device))
     kernel(_batched(packed, groups, False), _batched(pair_order(x), groups, True), _batched(scales, groups, False),
-           gscale.reshape(1) if nvfp4 else _one(x.device), out, partials, _counters(x.device, tiles))
+           (_group_scales(weight.weight_scale_2, 1) if nvfp4 else _ones(1, x.device)).view(1), out, partials,
+           _counters(x.device, tiles))
     return out
 
 
@@ -215,15 +217,21 @@ def _groups_as_experts(tokens: int, groups: int, device: torch.device):
     """How the MoE kernels see a dense (grouped) layer: group g is "expert" g, holding every token;
     its input and output rows are t * groups + g of the [T * groups, K] view of x and of y. Built
     with fill kernels (no host copies, so a first call inside a capture works too) once per shape.
-    -> (Dispatch, route weights (unused by the ungated kernel, read anyway), ones [groups, 1])."""
+    -> (Dispatch, route weights (unused by the ungated kernel, read anyway))."""
     from ..moe.routing import Dispatch
     rows = torch.arange(tokens * groups, dtype=torch.int32, device=device)
     slots = rows.view(tokens, groups).t().contiguous().view(-1)  # group-major, token order within a group
     d = Dispatch(slots, torch.arange(groups, dtype=torch.int32, device=device),
                  torch.arange(0, (groups + 1) * tokens, tokens, dtype=torch.int32, device=device),
                  torch.full((1,), groups, dtype=torch.int32, device=device))
-    ones = torch.ones(groups, 1, dtype=torch.float32, device=device)
-    return d, ones.new_ones(tokens * groups), ones
+    return d, torch.ones(tokens * groups, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _group_scales(weight_scale_2: torch.Tensor, groups: int) -> torch.Tensor:
+    """An NVFP4 weight's global scale once per group, fp32 [groups, 1], made once per weight (a copy
+    per call would add a kernel to every wo_a; weights do not change after loading)."""
+    return weight_scale_2.float().reshape(1, 1).expand(groups, 1).contiguous()
 
 
 def _check_shapes(x: torch.Tensor, weight, groups: int) -> None:
@@ -239,16 +247,13 @@ def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
     """The grouped kernels' operands for a dense layer (before the 16-byte vector views): x rows
     [T * G, K], packed weight [G, R, K/2], scale bytes [G, R, K/block], the groups' global scales
     [G, 1], route weights, Dispatch. Views of the checkpoint's bytes."""
-    from ..moe.experts import w4_parts
+    from ..moe.experts import w4_bytes
     _check_shapes(x, weight, groups)
     (n, k), t = weight.shape, x.shape[0]
     r = n // groups
-    packed, scales, gscale = w4_parts(weight)
-    d, route_w, ones = _groups_as_experts(t, groups, x.device)
-    if isinstance(weight, Mxfp4Weight):
-        gscale = ones  # w4_parts' ones would be a fill kernel per call
-    else:
-        gscale = gscale.reshape(1, 1) if groups == 1 else gscale.reshape(1, 1).expand(groups, 1).contiguous()
+    packed, scales = w4_bytes(weight)
+    d, route_w = _groups_as_experts(t, groups, x.device)
+    gscale = _ones(groups, x.device) if isinstance(weight, Mxfp4Weight) else _group_scales(weight.weight_scale_2, groups)
     return (x.reshape(t * groups, k), packed.view(groups, r, -1), scales.view(groups, r, -1), gscale, route_w, d)
 
 

@@ -50,13 +50,21 @@ class StackedExperts:
                                           for t in (self.w13, self.s13, self.g13, self.w2, self.s2, self.g2, self.a13, self.a2)))
 
 
-def w4_parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An NVFP4/MXFP4 weight as (packed bytes uint8, scale bytes uint8, global scale fp32 scalar)."""
+def w4_bytes(w) -> tuple[torch.Tensor, torch.Tensor]:
+    """An NVFP4/MXFP4 weight's (packed bytes uint8, block scale bytes uint8), views of its tensors."""
     if isinstance(w, Nvfp4Weight):
-        return w.weight.view(torch.uint8), w.weight_scale.view(torch.uint8), w.weight_scale_2.float().reshape(())
+        return w.weight.view(torch.uint8), w.weight_scale.view(torch.uint8)
     if isinstance(w, Mxfp4Weight):
-        return w.weight.view(torch.uint8), w.scale.view(torch.uint8), torch.ones((), device=w.weight.device)
-    raise TypeError(f"routed experts must be NVFP4 or MXFP4, got {type(w).__name__}")
+        return w.weight.view(torch.uint8), w.scale.view(torch.uint8)
+    raise TypeError(f"W4A16 weights must be NVFP4 or MXFP4, got {type(w).__name__}")
+
+
+def w4_parts(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w4_bytes and the global scale, an fp32 scalar (MXFP4: a new 1, made by a fill kernel)."""
+    packed, scales = w4_bytes(w)
+    if isinstance(w, Nvfp4Weight):
+        return packed, scales, w.weight_scale_2.float().reshape(())
+    return packed, scales, torch.ones((), device=w.weight.device)
 
 
 MXFP4_MAX_SCALE_BYTE = 128  # E8M0 2^1: the tensor-core runner folds scales into f16 weights exactly up to here
