@@ -291,6 +291,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, text: str = "", token_ids=(), error: str | None = None) -> None:
         entry = self._sequences.pop(seq.request_id, None)
         self.scheduler.finish(seq, reason)
+        self._update_stats()  # before the final output: a caller that sees it no longer sees the request counted
         if entry is not None:
             self._emit(seq, entry[2], text, list(token_ids), True, reason, error)
 
