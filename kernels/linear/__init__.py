@@ -228,6 +228,14 @@ def reserve_split_counters(stream: torch.cuda.Stream) -> None:
         _split_counters[stream.cuda_stream] = torch.zeros(_COUNTERS, dtype=torch.int32, device=stream.device)
 
 
+def split_k_workspace(splits: int, tokens: int, tile_n: int, rows: int, groups: int, device: torch.device):
+    """What a swapped-operand GEMM (kernels.linear.swapped_gemm_sm90) of `groups` x `rows` weight rows
+    needs for K splits: fp32 partials [splits, T, groups * rows] (empty without splits) and the
+    per-output-tile arrival counters."""
+    partials = torch.empty(splits if splits > 1 else 0, tokens, groups * rows, dtype=torch.float32, device=device)
+    return partials, _counters(device, rows // 64 * -(-tokens // tile_n) * groups)
+
+
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Per-tile arrival counters for split-K, zeroed once; every launch leaves them at zero."""
     stream = torch.cuda.current_stream(device).cuda_stream
@@ -258,11 +266,10 @@ def linear_fp8(x, weight: Fp8BlockWeight, groups: int = 1, plan: tuple | None = 
     e8m0 = weight.scale.dtype == torch.float8_e8m0fnu
     kernel = _compiled_fp8_gemm(tile_n, stages, splits, consumers, e8m0, target_arch(xq.device), out_dtype)
     out = torch.empty(t, n_total, dtype=out_dtype, device=xq.device)
-    partials = torch.empty(splits if splits > 1 else 0, t, n_total, dtype=torch.float32, device=xq.device)
-    tiles = rows // 64 * -(-t // tile_n) * groups
+    partials, counters = split_k_workspace(splits, t, tile_n, rows, groups, xq.device)
     kernel(_batched(weight.weight, groups, False), _batched(xq, groups, True),
            weight.scale.view(torch.uint8) if e8m0 else weight.scale, _batched(xs, groups, True), out, partials,
-           _counters(xq.device, tiles))
+           counters)
     return out
 
 

@@ -43,7 +43,7 @@ from cutlass.utils import LayoutEnum
 
 from ..dependent_launch import wait_for_previous_kernel
 from .swapped_gemm_sm90 import (WARPGROUP, add_consumer_sums, consumer_stage, cta_work, make_ring, produce,
-                                store_tile)
+                                store_tile, tma_tiles)
 
 TILE_M = 64    # weight rows per CTA: one m64 wgmma
 TILE_K = 128   # one scale block per pipeline stage
@@ -88,13 +88,8 @@ def _kernel(
                    + cute.size_in_bytes(FP8, cute.slice_(b_staged, (None, None, 0))))
     ring = make_ring(barriers, stages, stage_bytes)
 
-    # (TILE_M, TILE_K, RestM, RestK, RestL) and (tile_n, TILE_K, RestN, RestK, RestL)
-    gA = cute.local_tile(mA, (TILE_M, TILE_K), (None, None, None))
-    gB = cute.local_tile(mB, (tile_n, TILE_K), (None, None, None))
-    tAsA, tAgA = cpasync.tma_partition(tma_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2),
-                                       cute.group_modes(gA, 0, 2))
-    tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
-                                       cute.group_modes(gB, 0, 2))
+    tAsA, tAgA = tma_tiles(tma_a, mA, (TILE_M, TILE_K), sA)
+    tBsB, tBgB = tma_tiles(tma_b, mB, (tile_n, TILE_K), sB)
     pipeline.pipeline_init_wait()
 
     if warp == producer_warp:

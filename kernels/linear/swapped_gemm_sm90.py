@@ -7,6 +7,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32
+from cutlass.cute.nvgpu import cpasync
 
 from ..dependent_launch import wait_for_previous_kernel
 
@@ -34,6 +35,15 @@ def make_ring(barriers, stages: int, stage_bytes):
         tx_count=stage_bytes, cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)), defer_sync=True)
     pipeline.pipeline_init_arrive(is_relaxed=True)
     return ring
+
+
+def tma_tiles(atom, tensor: cute.Tensor, tile: tuple, staged: cute.Tensor):
+    """A TMA operand's tiles of `tile` (rows, columns) and its ring buffers `staged` (rows, columns,
+    stage), partitioned for the copy: (buffers, tiles), indexed [(None, stage)] and
+    [(None, row tile, column tile, group)]."""
+    tiles = cute.local_tile(tensor, tile, (None, None, None))
+    return cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(staged, 0, 2),
+                                 cute.group_modes(tiles, 0, 2))
 
 
 def consumer_stage(j, stages):
@@ -82,7 +92,7 @@ def _load_weights(ring, state, bm: Int32, k: Int32, group: Int32, tma_a, tAgA, t
                   tma_bar_ptr=barrier)
 
 
-def warpgroup0_sync():
+def _warpgroup0_sync():
     cute.arch.barrier(barrier_id=1, number_of_threads=WARPGROUP)
 
 
@@ -121,14 +131,14 @@ def store_tile(acc: cute.Tensor, coords: cute.Tensor, out: cute.Tensor, partials
             t = token0 + coords[i][1]
             if t < tokens:
                 partials[split, t, col0 + coords[i][0]] = acc[i]
-        warpgroup0_sync()  # then one fence makes all the CTA's stores visible before arriving
+        _warpgroup0_sync()  # then one fence makes all the CTA's stores visible before arriving
         bx, by, bz = cute.arch.block_idx()
         gx, gy, _ = cute.arch.grid_dim()
         tile_id = (bz // splits * gy + by) * gx + bx  # the output tile's counter: one per (group, weight, token) tile
         if tidx == 0:
             cute.arch.fence_acq_rel_gpu()
             arrived[0] = cute.arch.atomic_add(counters.iterator + tile_id, Int32(1), scope="gpu")
-        warpgroup0_sync()
+        _warpgroup0_sync()
         if arrived[0] == splits - 1:
             cute.arch.fence_acq_rel_gpu()
             for i in cutlass.range_constexpr(per_thread):

@@ -12,7 +12,8 @@ the kernel that lays them out before each call (kernels.moe.pair_order, a progra
 launch: 0-1.3 us more per call on an H200). With more tokens per pass every warp would convert them
 all for each K block it reads, more work than decoding its weights: there, and for fp32 rows (the
 runner model's: twice the bytes for every warp of rows to re-read; 1.3-3.5x slower), pair_order
-lays them out first, as it always does for the wgmma kernel (TMA copies them as they lie). H200 runs of both ways on every V4 projection are in bench/NOTES.md. Output: fp32.
+lays them out first, as it always does for the wgmma kernel (TMA copies them as they lie). H200
+runs of both ways on every V4 projection are in bench/NOTES.md. Output: fp32.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def compile_w4a16_kernels(fmt: str, device=None) -> int:
     count = 0
     for knobs in dense_variants():
         if knobs["kind"] == "wgmma":
-            _compiled_wgmma(*(knobs[key] for key in ("tile_n", "stages", "splits", "consumers")), fmt == "nvfp4", arch)
+            _compiled_wgmma(fmt == "nvfp4", arch, **knobs)
             count += 1
             continue
         for x_kind in activation_kinds(knobs):
@@ -134,7 +135,8 @@ def compile_w4a16_kernels(fmt: str, device=None) -> int:
 
 WGMMA_TOKEN_TILES = (16, 32)  # the wgmma's N (dense_plan gives it 9-32 tokens)
 WGMMA_SPLITS = (1, 2, 4, 8)
-WGMMA_ONE_CONSUMER_TILES = 512  # from here one consumer warpgroup per CTA (4 stages), else two (8)
+WGMMA_ONE_CONSUMER_TILES = 512  # from here one consumer warpgroup per CTA, else two
+WGMMA_STAGES = {1: 4, 2: 8}     # ring depth per consumer warpgroups
 WGMMA_FEW_CTAS = 64             # K splits fill the GPU up to here, then only with 8+ stages per split
 
 
@@ -153,17 +155,19 @@ def wgmma_plan(tokens: int, rows: int, k: int, groups: int = 1, sms: int = 132) 
         if per_split < 8 and not (tiles * splits < WGMMA_FEW_CTAS and per_split >= consumers):
             break
         splits *= 2
-    return dict(kind="wgmma", tile_n=tile_n, stages=4 if consumers == 1 else 8, splits=splits, consumers=consumers)
+    return dict(kind="wgmma", tile_n=tile_n, stages=WGMMA_STAGES[consumers], splits=splits, consumers=consumers)
 
 
 def wgmma_variants() -> list[dict]:
     """Every variant wgmma_plan can return."""
-    return [dict(kind="wgmma", tile_n=t, stages=4 if c == 1 else 8, splits=s, consumers=c)
-            for t in WGMMA_TOKEN_TILES for s in WGMMA_SPLITS for c in (1, 2)]
+    return [dict(kind="wgmma", tile_n=t, stages=WGMMA_STAGES[c], splits=s, consumers=c)
+            for t in WGMMA_TOKEN_TILES for s in WGMMA_SPLITS for c in WGMMA_STAGES]
 
 
 @functools.cache
-def _compiled_wgmma(tile_n: int, stages: int, splits: int, consumers: int, nvfp4: bool, arch: str):
+def _compiled_wgmma(nvfp4: bool, arch: str, *, tile_n: int, stages: int, splits: int, consumers: int,
+                    kind: str = "wgmma"):
+    """The wgmma kernel per static configuration: a wgmma_plan's knobs (its `kind` included)."""
     import cutlass
 
     from ..cute_compile import compile_tvm_ffi, fake
@@ -186,19 +190,17 @@ def _ones(groups: int, device: torch.device) -> torch.Tensor:
 def _linear_w4a16_wgmma(x: torch.Tensor, weight, groups: int, plan: dict) -> torch.Tensor:
     from ..moe import pair_order
     from ..moe.experts import w4_bytes
-    from . import _batched, _counters
+    from . import _batched, split_k_workspace
     packed, scales = w4_bytes(weight)
     nvfp4 = isinstance(weight, Nvfp4Weight)
-    t, rows = x.shape[0], weight.shape[0] // groups
+    t = x.shape[0]
     out = torch.empty(t, weight.shape[0], dtype=torch.float32, device=x.device)
-    partials = torch.empty(plan["splits"] if plan["splits"] > 1 else 0, t, weight.shape[0], dtype=torch.float32,
-                           device=x.device)
-    tiles = rows // 64 * -(-t // plan["tile_n"]) * groups
-    kernel = _compiled_wgmma(plan["tile_n"], plan["stages"], plan["splits"], plan["consumers"], nvfp4,
-                             target_arch(x.device))
+    partials, counters = split_k_workspace(plan["splits"], t, plan["tile_n"], weight.shape[0] // groups, groups,
+                                           x.device)
+    kernel = _compiled_wgmma(nvfp4, target_arch(x.device), **plan)
     kernel(_batched(packed, groups, False), _batched(pair_order(x), groups, True), _batched(scales, groups, False),
            (_group_scales(weight.weight_scale_2, 1) if nvfp4 else _ones(1, x.device)).view(1), out, partials,
-           _counters(x.device, tiles))
+           counters)
     return out
 
 

@@ -46,7 +46,7 @@ from ..dependent_launch import wait_for_previous_kernel
 from ..moe.w4a16_mma_sm90 import _hmul2, _prmt, _scale_f16x2
 from ..moe.w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair, _e4m3_pair_to_f16x2
 from .swapped_gemm_sm90 import (WARPGROUP, add_consumer_sums, consumer_stage, cta_work, make_ring, produce,
-                                store_tile)
+                                store_tile, tma_tiles)
 
 TILE_M = 64       # weight rows per CTA: one m64 wgmma
 BLOCK_K = 128     # K per A fragment (8 k16 wgmmas)
@@ -152,15 +152,9 @@ def _kernel(
     stage_bytes = a_bytes + SCALE_TILE_BYTES + cute.size_in_bytes(Float16, cute.slice_(b_staged, (None, None, 0)))
     ring = make_ring(barriers, stages, stage_bytes)
 
-    gA = cute.local_tile(mA, (TILE_M, ROW_BYTES), (None, None, None))
-    gB = cute.local_tile(mB, (tile_n, TILE_K), (None, None, None))
-    gS = cute.local_tile(mS, (TILE_M, SCALE_ROW_BYTES), (None, None, None))
-    tAsA, tAgA = cpasync.tma_partition(tma_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2),
-                                       cute.group_modes(gA, 0, 2))
-    tBsB, tBgB = cpasync.tma_partition(tma_b, 0, cute.make_layout(1), cute.group_modes(sB, 0, 2),
-                                       cute.group_modes(gB, 0, 2))
-    tSsS, tSgS = cpasync.tma_partition(tma_s, 0, cute.make_layout(1), cute.group_modes(sS_bytes, 0, 2),
-                                       cute.group_modes(gS, 0, 2))
+    tAsA, tAgA = tma_tiles(tma_a, mA, (TILE_M, ROW_BYTES), sA)
+    tBsB, tBgB = tma_tiles(tma_b, mB, (tile_n, TILE_K), sB)
+    tSsS, tSgS = tma_tiles(tma_s, mS, (TILE_M, SCALE_ROW_BYTES), sS_bytes)
     pipeline.pipeline_init_wait()
 
     if warp == producer_warp:
