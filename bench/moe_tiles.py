@@ -6,10 +6,12 @@ a register bound (CTAs per SM), and for L1 the w1 and w3 rows in separate warps.
     python -m bench.moe_tiles [--quick] [--n-tiles 1,2] [--k-unrolls 1,2] [--warps-m 2,4]
                               [--warps-k 1,2,4] [--min-ctas 0,5,6] [--split-halves 0,1]
     python -m bench.moe_tiles --gemv [--rows-l1 1,2,4] [--rows-l2 2,4,8] [--k-unrolls 1,2,4] [--n-tiles 1,2]
+                                     [--pipelined 0,1] [--prefetch-rounds 0,1,2]
 
 --gemv sweeps the SIMT GEMV's knobs instead (rows per warp, 16-byte vectors per row and lane loaded
-per round, tokens per pass) at T = 1, 4, 8, 16, cold: each time cycles through enough random
-routings that the experts' bytes exceed the L2 cache.
+per round, tokens per pass, a round loaded ahead, L2's rounds hinted into the L2 cache first) at
+T = 1, 4, 8, 16, cold: each time cycles through enough random routings that the experts' bytes
+exceed the L2 cache.
 """
 import itertools
 
@@ -71,7 +73,8 @@ def main(n_tiles=N_TILES, k_unrolls=K_UNROLLS, warps_m=WARPS_M, warps_k=WARPS_K,
 GEMV_TOKENS = (1, 4, 8, 16)
 
 
-def gemv_sweep(rows_l1=(1, 2, 4), rows_l2=(2, 4, 8), k_unrolls=(1, 2, 4), token_tiles=(1,)):
+def gemv_sweep(rows_l1=(1, 2, 4), rows_l2=(2, 4, 8), k_unrolls=(1, 2, 4), token_tiles=(1,), pipelined=(False,),
+               prefetch_rounds=(1,)):
     require_gpu()
     hidden, inter, n_exp, k = SHAPES["flash"]
     st = random_stacked(hidden, inter, n_exp, "nvfp4")
@@ -90,11 +93,13 @@ def gemv_sweep(rows_l1=(1, 2, 4), rows_l2=(2, 4, 8), k_unrolls=(1, 2, 4), token_
                              torch.empty(t * k, inter, dtype=torch.float16, device="cuda")))
     for gated in (True, False):
         print(f"\n| {'L1' if gated else 'L2'} GEMV: rows per warp | vectors per round | tokens per pass | "
-              + " | ".join(f"T={t} ms" for t in GEMV_TOKENS) + " |")
-        print("|---" * (3 + len(GEMV_TOKENS)) + "|")
-        for rows, unroll, tile in itertools.product(rows_l1 if gated else rows_l2, k_unrolls, token_tiles):
+              "a round ahead | rounds into L2 first | " + " | ".join(f"T={t} ms" for t in GEMV_TOKENS) + " |")
+        print("|---" * (5 + len(GEMV_TOKENS)) + "|")
+        for rows, unroll, tile, ahead, early in itertools.product(rows_l1 if gated else rows_l2, k_unrolls,
+                                                                  token_tiles, pipelined,
+                                                                  prefetch_rounds if not gated else (0,)):
             fn = _compiled(gated, 16, arch, "gemv", n_tiles=tile, k_unroll=unroll, top_k=k, swiglu_limit=10.0,
-                           rows=rows)
+                           rows=rows, pipelined=ahead, prefetch_rounds=early)
             times = []
             for t in GEMV_TOKENS:
                 calls = []
@@ -107,7 +112,9 @@ def gemv_sweep(rows_l1=(1, 2, 4), rows_l2=(2, 4, 8), k_unrolls=(1, 2, 4), token_
                         calls.append(lambda h=h, rw=rw, c=common, y=y:
                                      fn(_vecs(h), _vecs(st.w2), st.s2, st.g2.view(-1, 1), rw, *c, y))
                 times.append(cold_graph_time(calls))
-            print(f"| {rows} | {unroll} | {tile} | " + " | ".join(f"{v:.4f}" for v in times) + " |", flush=True)
+            print(f"| {rows} | {unroll} | {tile} | {'yes' if ahead else ''} | {early} | "
+                  + " | ".join(f"{v:.4f}" for v in times)
+                  + " |", flush=True)
 
 
 if __name__ == "__main__":
@@ -129,11 +136,16 @@ if __name__ == "__main__":
     p.add_argument("--gemv", action="store_true", help="sweep the SIMT GEMV instead")
     p.add_argument("--rows-l1", type=ints, default=(1, 2, 4), help="--gemv: L1 rows (w1/w3 pairs) per warp")
     p.add_argument("--rows-l2", type=ints, default=(2, 4, 8), help="--gemv: L2 rows per warp")
+    p.add_argument("--prefetch-rounds", type=ints, default=(1,),
+                   help="--gemv, L2: rounds per warp hinted into L2 before it waits for the kernel before")
+    p.add_argument("--pipelined", type=ints, default=(0,),
+                   help="--gemv: 0 and/or 1 (the next round's loads issued before a round's products)")
     a = p.parse_args()
     if a.gemv:  # the GEMV's own defaults where --k-unrolls / --n-tiles were not given
         given = {arg.split("=")[0] for arg in sys.argv[1:]}
         gemv_sweep(a.rows_l1, a.rows_l2, a.k_unrolls if "--k-unrolls" in given else (1, 2, 4),
-                   a.n_tiles if "--n-tiles" in given else (1,))
+                   a.n_tiles if "--n-tiles" in given else (1,), tuple(bool(v) for v in a.pipelined),
+                   a.prefetch_rounds)
     elif a.quick:
         main(n_tiles=(1,), k_unrolls=(1, 2), warps_m=(4,), warps_k=(1, 4))
     else:

@@ -33,11 +33,15 @@ __all__ = ["moe_w4a16", "moe_w4a16_ref", "StackedExperts", "stack_experts", "uns
 
 def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: int = 1, k_unroll: int = 2,
               warps_k: int = 1, top_k: int = 1, swiglu_limit: float = 0.0, warps_m: int = 4,
-              min_ctas: int = 0, split_halves: bool = False, rows: int = 0, x_kind: int = 0):
+              min_ctas: int = 0, split_halves: bool = False, rows: int = 0, x_kind: int = 0,
+              pipelined: bool = False, prefetch_rounds: int = 1):
     """One compiled grouped GEMM per static configuration; every size is a runtime value.
     kind "gemv": the SIMT kernel (kernels.moe.w4a16_sm90), for about one token per expert; its
     knobs: `rows` per warp (0: GEMV_L1's / GEMV_L2's), `n_tiles` tokens per pass over the weights,
-    `k_unroll` 16-byte vectors per row and lane loaded per round, `warps_k` and `warps_m`.
+    `k_unroll` 16-byte vectors per row and lane loaded per round, `warps_k` and `warps_m`,
+    `pipelined`: the next round's loads issued before a round's products, and for the ungated
+    kernel `prefetch_rounds`: each warp's first rounds of weights hinted into L2 before it waits
+    for the kernel before.
     kind "mma": the tensor-core kernel (kernels.moe.w4a16_mma_sm90); its knobs: token tiles of 8
     per pass over the weights, 128-wide K blocks per load round, warps splitting K and warps
     splitting rows per CTA, a register bound of `min_ctas` CTAs per SM (0: none; `register_bound`
@@ -46,11 +50,15 @@ def _compiled(gated: bool, group: int, arch: str, kind: str = "mma", n_tiles: in
     format (w4a16_sm90.X_ORDERED: pair_order's, which the MoE uses; X_BF16: a dense layer's bf16 rows)."""
     if not gated:
         top_k, swiglu_limit, split_halves = 1, 0.0, False  # one compiled L2 serves every MoE and dense layer
+    else:
+        prefetch_rounds = 0  # L1 prefetches nothing (its input comes from the kernel just before)
     if split_halves and warps_k != 1:
         raise ValueError("split_halves and K splitting (warps_k > 1) do not combine")
     if kind == "gemv":
         rows = rows or (GEMV_L1 if gated else GEMV_L2)["rows"]
-        knobs = (warps_m, warps_k, rows, n_tiles, k_unroll, x_kind)
+        knobs = (warps_m, warps_k, rows, n_tiles, k_unroll, x_kind, pipelined, prefetch_rounds)
+    elif pipelined:
+        raise ValueError("pipelined is a knob of the GEMV (kind 'gemv') only")
     else:
         knobs = (warps_m, warps_k, n_tiles, k_unroll, min_ctas, split_halves, x_kind)
     return _compile_variant(kind, (top_k, group, gated, float(swiglu_limit)), knobs, arch)
@@ -74,8 +82,9 @@ def _compile_variant(kind: str, common: tuple, knobs: tuple, arch: str):
 
 GEMV_MAX_TOKENS = 1.25  # per expert: up to here the SIMT kernel is faster (H200 sweep, bench/NOTES.md)
 # The GEMV's tiling (rows per warp: L1's are w1/w3 pairs; 16-byte vectors per row and lane loaded
-# per round), from `python -m bench.moe_tiles --gemv` on an H200 (bench/NOTES.md).
-GEMV_L1 = dict(rows=4, k_unroll=2)
+# per round; L1 loads a round ahead: 14% less at one token, within 2% at 4-16), from
+# `python -m bench.moe_tiles --gemv` on an H200 (bench/NOTES.md).
+GEMV_L1 = dict(rows=2, k_unroll=1, pipelined=True)
 GEMV_L2 = dict(rows=4, k_unroll=1)
 MEMORY_WARPS = 132 * 16  # a streaming launch with fewer warps leaves an H100/H200's memory idle
 N_TILE_CHOICES = (1, 2, 4)

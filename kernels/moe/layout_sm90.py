@@ -3,8 +3,8 @@
 One thread per 8 activations of a row: it reads them in K order (bf16 or fp32), rounds them to f16
 in the pairs the E2M1 decode meets (`activation_pairs`) and stores the 16 bytes at their place in
 the activation order. A programmatic dependent launch (kernels.dependent_launch): it starts beside
-the kernel before it, and the W4A16 kernel after it starts beside it (the ungated GEMV prefetches
-its weights into L2 meanwhile). torch's copy kernel, which did this before, overlapped with neither
+the kernel before it, and the W4A16 kernel after it starts beside it (the ungated GEMV hints its
+first weights into L2 meanwhile). torch's copy kernel, which did this before, overlapped with neither
 (2.5-3 us per call in a CUDA graph on an H200).
 """
 import cutlass

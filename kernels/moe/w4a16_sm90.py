@@ -4,9 +4,11 @@ One warp computes `rows` output rows of one active expert for that expert's toke
 `token_tile` per pass over the weights). Lane l takes the 16-byte vectors v = l, l + 32, ... of each
 row's packed E2M1 bytes (coalesced across the warp); `k_unroll` vectors per row are loaded per round,
 with their block scales and the tokens' activations, before any of them is used, so each warp has
-k_unroll * rows * 16 bytes per lane in flight. The E2M1 pairs decode in registers, products
-accumulate in f16x2 per 16 weights and in fp32 across them, times the block scale (NVFP4: E4M3 per 16,
-MXFP4: E8M0 per 32), then a reduction across the warp. `warps_k` warps of a CTA split a row's vectors
+k_unroll * rows * 16 bytes per lane in flight; `pipelined` issues the next round's loads before a
+round's products, so that a warp has weights in flight while it computes (twice the registers).
+The E2M1 pairs decode in registers, products accumulate in f16x2 per 16 weights and in fp32 across
+them, times the block scale (NVFP4: E4M3 per 16, MXFP4: E8M0 per 32), then a reduction across the
+warp. `warps_k` warps of a CTA split a row's vectors
 round by round and add their sums through shared memory in a fixed order (deterministic): a small
 dense weight, or a few experts, then still gives the GPU enough warps.
 Grid: (rows / (warps_m * rows), max active experts); CTAs past the device-side `num_active` exit, so
@@ -108,24 +110,36 @@ def activation_pairs(x_vecs: cute.Tensor, row: Int32, k8: Int32, x_kind: cutlass
     """Activations K = 8 k8 .. 8 k8 + 7 of row `row` as the 4 f16x2 the E2M1 pair decode meets:
     elements (q, q + 4) for q < 4. x_vecs holds 16-byte vectors: X_ORDERED f16 in activation order
     (logical vector 4t + w of a 128-wide K block sits at 4w + t), X_BF16 8 bf16 in K order, X_F32 4 fp32."""
-    if cutlass.const_expr(x_kind == X_ORDERED):
-        xv = x_vecs[row, ordered_position(k8), None].load()
-        pairs = (Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3]))
-    elif cutlass.const_expr(x_kind == X_BF16):  # element e: word e // 2, its high half for odd e
-        xv = x_vecs[row, k8, None].load()
-        w0, w1, w2, w3 = Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3])
-        pairs = (_f16x2_from_f32(_bf16_as_f32(w0, False), _bf16_as_f32(w2, False)),
-                 _f16x2_from_f32(_bf16_as_f32(w0, True), _bf16_as_f32(w2, True)),
-                 _f16x2_from_f32(_bf16_as_f32(w1, False), _bf16_as_f32(w3, False)),
-                 _f16x2_from_f32(_bf16_as_f32(w1, True), _bf16_as_f32(w3, True)))
-    else:  # X_F32: elements 0-3 in one vector, 4-7 in the next
+    if cutlass.const_expr(x_kind == X_F32):  # elements 0-3 in one vector, 4-7 in the next
         lo = x_vecs[row, 2 * k8, None].load()
         hi = x_vecs[row, 2 * k8 + 1, None].load()
-        pairs = (_f16x2_from_f32(Int32(lo[0]).bitcast(Float32), Int32(hi[0]).bitcast(Float32)),
-                 _f16x2_from_f32(Int32(lo[1]).bitcast(Float32), Int32(hi[1]).bitcast(Float32)),
-                 _f16x2_from_f32(Int32(lo[2]).bitcast(Float32), Int32(hi[2]).bitcast(Float32)),
-                 _f16x2_from_f32(Int32(lo[3]).bitcast(Float32), Int32(hi[3]).bitcast(Float32)))
-    return pairs
+        return (_f16x2_from_f32(Int32(lo[0]).bitcast(Float32), Int32(hi[0]).bitcast(Float32)),
+                _f16x2_from_f32(Int32(lo[1]).bitcast(Float32), Int32(hi[1]).bitcast(Float32)),
+                _f16x2_from_f32(Int32(lo[2]).bitcast(Float32), Int32(hi[2]).bitcast(Float32)),
+                _f16x2_from_f32(Int32(lo[3]).bitcast(Float32), Int32(hi[3]).bitcast(Float32)))
+    return pairs_from_words(activation_words(x_vecs, row, k8, x_kind), x_kind)
+
+
+@cute.jit
+def activation_words(x_vecs: cute.Tensor, row: Int32, k8: Int32, x_kind: cutlass.Constexpr):
+    """The 4 words (one 16-byte vector) holding activations K = 8 k8 .. 8 k8 + 7 of row `row`, as
+    loaded: X_ORDERED or X_BF16 (pairs_from_words makes the pairs; no arithmetic here, so a load
+    issued ahead does not wait for its data)."""
+    xv = x_vecs[row, ordered_position(k8) if cutlass.const_expr(x_kind == X_ORDERED) else k8, None].load()
+    return Int32(xv[0]), Int32(xv[1]), Int32(xv[2]), Int32(xv[3])
+
+
+@cute.jit
+def pairs_from_words(words, x_kind: cutlass.Constexpr):
+    """activation_words' 4 words as the 4 f16x2 pairs (q, q + 4): X_ORDERED holds them already,
+    X_BF16 holds element e in word e // 2 (its high half for odd e), rounded to f16 here."""
+    if cutlass.const_expr(x_kind == X_ORDERED):
+        return words
+    w0, w1, w2, w3 = words
+    return (_f16x2_from_f32(_bf16_as_f32(w0, False), _bf16_as_f32(w2, False)),
+            _f16x2_from_f32(_bf16_as_f32(w0, True), _bf16_as_f32(w2, True)),
+            _f16x2_from_f32(_bf16_as_f32(w1, False), _bf16_as_f32(w3, False)),
+            _f16x2_from_f32(_bf16_as_f32(w1, True), _bf16_as_f32(w3, True)))
 
 
 @cute.jit
@@ -151,70 +165,100 @@ def store_output(out: cute.Tensor, slot: Int32, n: Int32, acc: Float32, acc_up: 
 
 
 @cute.jit
-def _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, wq, sc, xq, nvfp4: cutlass.Constexpr,
-                halves: cutlass.Constexpr, rows: cutlass.Constexpr, token_tile: cutlass.Constexpr,
-                k_unroll: cutlass.Constexpr, x_kind: cutlass.Constexpr):
-    """Every load of one round into registers: vectors v0 + 32u of the warp's weight rows, their block
-    scales as fp32 (a vector past the row's end reads the last one with zero scales: adds nothing),
-    and the tokens' activations for them."""
+def _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, wq, sraw, xw, halves: cutlass.Constexpr,
+                rows: cutlass.Constexpr, token_tile: cutlass.Constexpr, k_unroll: cutlass.Constexpr,
+                x_kind: cutlass.Constexpr):
+    """Every load of one round into registers, as loaded (_dot_round does the arithmetic): vectors
+    v0 + 32u of the warp's weight rows, their block scale bits, and the tokens' activations for
+    them. A vector past the row's end reads the last one (_dot_round zeroes its scales)."""
     for u in cutlass.range_constexpr(k_unroll):
         v = cutlass.min(v0 + 32 * u, n_vecs - 1)
-        keep = Float32(1.0) if v0 + 32 * u < n_vecs else Float32(0.0)
         for r in cutlass.range_constexpr(rows):
             for half in cutlass.range_constexpr(halves):
                 row = n0 + r + half * n_out
                 vec = w_vecs[e, row, v, None].load()
                 for q in cutlass.range_constexpr(4):
                     wq[u, r, half, q] = vec[q]
-                if cutlass.const_expr(nvfp4):  # the vector's 2 scale bytes are adjacent: one 16-bit load
-                    s0, s1 = _f16x2_to_f32(_e4m3_pair_to_f16x2(Int32(lane_scales[e, row, v])))
-                    sc[u, r, half, 0] = s0 * keep
-                    sc[u, r, half, 1] = s1 * keep
-                else:  # E8M0 2^(byte - 127) (code 0 reads as 0)
-                    sc[u, r, half, 0] = Int32(Int32(lane_scales[e, row, v]) << 23).bitcast(Float32) * keep
+                # NVFP4: the vector's 2 adjacent scale bytes in one 16-bit load; MXFP4: its byte
+                sraw[u, r, half] = Int32(lane_scales[e, row, v])
         for tt in cutlass.range_constexpr(token_tile):
             for q in cutlass.range_constexpr(4):  # the 8 activations of weights 32v + 8q ..
-                pairs = activation_pairs(x_vecs, xrow[tt], 4 * v + q, x_kind)
+                words = activation_words(x_vecs, xrow[tt], 4 * v + q, x_kind)
                 for j in cutlass.range_constexpr(4):
-                    xq[u, tt, q, j] = pairs[j]
+                    xw[u, tt, q, j] = words[j]
 
 
 @cute.jit
-def _dot_round(wq, sc, xq, acc, n_valid, nvfp4: cutlass.Constexpr, halves: cutlass.Constexpr,
-               rows: cutlass.Constexpr, token_tile: cutlass.Constexpr, k_unroll: cutlass.Constexpr):
-    """The products of one round: per 16 weights (an NVFP4 block) an f16x2 chain of 8 FMAs, then fp32."""
+def _dot_round(wq, sraw, xw, acc, v0, n_vecs, n_valid, nvfp4: cutlass.Constexpr, halves: cutlass.Constexpr,
+               rows: cutlass.Constexpr, token_tile: cutlass.Constexpr, k_unroll: cutlass.Constexpr,
+               x_kind: cutlass.Constexpr):
+    """The products of one round loaded by _load_round: per 16 weights (an NVFP4 block) an f16x2 chain
+    of 8 FMAs, then fp32 times the block scale (exact: NVFP4 two E4M3 with one cvt to f16x2, MXFP4
+    E8M0 2^(byte - 127) as an fp32 exponent, code 0 as 0; zero past the row's end: adds nothing)."""
     for u in cutlass.range_constexpr(k_unroll):
+        keep = Float32(1.0) if v0 + 32 * u < n_vecs else Float32(0.0)
+        sc = cute.make_rmem_tensor((rows, halves, 2), Float32)
+        for r in cutlass.range_constexpr(rows):
+            for half in cutlass.range_constexpr(halves):
+                if cutlass.const_expr(nvfp4):
+                    s0, s1 = _f16x2_to_f32(_e4m3_pair_to_f16x2(sraw[u, r, half]))
+                    sc[r, half, 0] = s0 * keep
+                    sc[r, half, 1] = s1 * keep
+                else:
+                    sc[r, half, 0] = Int32(sraw[u, r, half] << 23).bitcast(Float32) * keep
         for b in cutlass.range_constexpr(2):  # words 2b, 2b+1: weights 16b..16b+15 of the vector's 32
             for tt in cutlass.range_constexpr(token_tile):
                 if tt == 0 or tt < n_valid:  # a tile's first token is always there: no branch
+                    x_pairs = (_word_pairs(xw, u, tt, 2 * b, x_kind), _word_pairs(xw, u, tt, 2 * b + 1, x_kind))
                     for r in cutlass.range_constexpr(rows):
                         for half in cutlass.range_constexpr(halves):
                             dot = Int32(0)
-                            for q in cutlass.range_constexpr(2 * b, 2 * b + 2):
+                            for q in cutlass.range_constexpr(2):
                                 for j in cutlass.range_constexpr(4):
-                                    dot = _hfma2(_e2m1_pair(wq[u, r, half, q], j), xq[u, tt, q, j], dot)
-                            acc[tt, r, half] = acc[tt, r, half] + _f16x2_sum(dot) * sc[u, r, half, b if nvfp4 else 0]
+                                    dot = _hfma2(_e2m1_pair(wq[u, r, half, 2 * b + q], j), x_pairs[q][j], dot)
+                            acc[tt, r, half] = acc[tt, r, half] + _f16x2_sum(dot) * sc[r, half, b if nvfp4 else 0]
+
+
+@cute.jit
+def _word_pairs(xw, u: cutlass.Constexpr, tt: cutlass.Constexpr, q: cutlass.Constexpr, x_kind: cutlass.Constexpr):
+    """The activation pairs of one loaded 16-byte vector of xw (see pairs_from_words)."""
+    return pairs_from_words((xw[u, tt, q, 0], xw[u, tt, q, 1], xw[u, tt, q, 2], xw[u, tt, q, 3]), x_kind)
 
 
 @cute.jit
 def _prefetch_rows(w_vecs: cute.Tensor, scales: cute.Tensor, active_experts: cute.Tensor, num_active: cute.Tensor,
                    by: Int32, n0: Int32, n_out: Int32, lane: Int32, wk: Int32, warps_k: cutlass.Constexpr,
-                   rows: cutlass.Constexpr):
-    """L2 (and a dense W4A16 linear): the warp's weight rows (its share of their 128-byte lines, as
-    the K split shares the rounds) and their scales into the L2 cache while the kernel before (L1)
-    still runs. A hint only: the active experts come from the dispatch kernel, which had finished
+                   rows: cutlass.Constexpr, k_unroll: cutlass.Constexpr, prefetch_rounds: cutlass.Constexpr):
+    """L2 (and a dense W4A16 linear): the 128-byte lines of the warp's first `prefetch_rounds`
+    rounds of its weight rows, and their first scales, into the L2 cache while the kernel before
+    (L1) still runs: enough to start streaming at once. Whole rows (as before) ran 9-20% slower
+    on dense weights of 19-66 MB (an H200: they evict each other from the 50 MB L2 and compete
+    with the kernel before for memory), and the MoE's L2 4-16% slower at 4-16 tokens
+    (bench/NOTES.md). A hint only: the active experts come from the dispatch kernel, which had finished
     before L1 let this kernel start (kernels.dependent_launch), but nothing relies on reading them
     right here (the GEMV reads them again after its wait), so an index read from a buffer still
     being written only costs a wasted prefetch; indices are bounds-checked."""
     e = active_experts[by]  # by < its size: the grid has one row of CTAs per entry
     if by < num_active[0] and e >= 0 and e < w_vecs.shape[0] and n0 < n_out:
-        n_vecs = w_vecs.shape[2]
-        for r in cutlass.range_constexpr(rows):
-            for line in cutlass.range(wk * 32 + lane, (n_vecs + 7) // 8, warps_k * 32, unroll=1):
-                v = cutlass.min(line * 8, n_vecs - 1)
+        per_round = 4 * k_unroll  # 128-byte lines (8 vectors) per row and round
+        per_row = prefetch_rounds * per_round
+        for i in cutlass.range_constexpr((rows * per_row + 31) // 32):  # a line per lane
+            line = lane + 32 * i
+            r = line // per_row
+            v = (((line % per_row) // per_round * warps_k + wk) * per_round + line % per_round) * 8
+            if r < rows and v < w_vecs.shape[2]:
                 cute.arch.prefetch(w_vecs[e, n0 + r, v, None].iterator.llvm_ptr, cache_level="L2")
-            if wk == 0 and lane == 0:
-                cute.arch.prefetch(scales[e, n0 + r, None].iterator.llvm_ptr, cache_level="L2")
+        if wk == 0 and lane < rows:
+            cute.arch.prefetch(scales[e, n0 + lane, None].iterator.llvm_ptr, cache_level="L2")
+
+
+@cute.jit
+def _round_registers(halves: cutlass.Constexpr, rows: cutlass.Constexpr, token_tile: cutlass.Constexpr,
+                     k_unroll: cutlass.Constexpr):
+    """Registers for one round as _load_round fills them: weight words, scale bits, activation words."""
+    return (cute.make_rmem_tensor((k_unroll, rows, halves, 4), Int32),
+            cute.make_rmem_tensor((k_unroll, rows, halves), Int32),
+            cute.make_rmem_tensor((k_unroll, token_tile, 4, 4), Int32))
 
 
 def _acc_coord(i: int, rows: int, halves: int) -> tuple:
@@ -244,6 +288,8 @@ def _grouped_gemv_kernel(
     token_tile: cutlass.Constexpr,
     k_unroll: cutlass.Constexpr,
     x_kind: cutlass.Constexpr,
+    pipelined: cutlass.Constexpr,
+    prefetch_rounds: cutlass.Constexpr,
 ):
     lane = cute.arch.lane_idx()
     warp = cute.arch.warp_idx()
@@ -252,8 +298,9 @@ def _grouped_gemv_kernel(
     wk = warp // warps_m  # and its share of the rounds
     n_out = out.shape[1]
     n0 = (bx * warps_m + wm) * rows  # first of this warp's rows (n_out is a multiple of `rows`)
-    if cutlass.const_expr(not gated):
-        _prefetch_rows(w_vecs, scales, active_experts, num_active, by, n0, n_out, lane, wk, warps_k, rows)
+    if cutlass.const_expr(not gated and prefetch_rounds != 0):
+        _prefetch_rows(w_vecs, scales, active_experts, num_active, by, n0, n_out, lane, wk, warps_k, rows, k_unroll,
+                       prefetch_rounds)
     wait_for_previous_kernel()
     nvfp4 = group == 16
     halves = 2 if gated else 1
@@ -277,13 +324,30 @@ def _grouped_gemv_kernel(
             acc = cute.make_rmem_tensor((token_tile, rows, halves), Float32)
             acc.fill(0.0)
             if rows_here:
-                wq = cute.make_rmem_tensor((k_unroll, rows, halves, 4), Int32)
-                sc = cute.make_rmem_tensor((k_unroll, rows, halves, 2), Float32)
-                xq = cute.make_rmem_tensor((k_unroll, token_tile, 4, 4), Int32)
-                for v0 in cutlass.range(wk * 32 * k_unroll + lane, n_vecs, warps_k * 32 * k_unroll, unroll=1):
-                    _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, wq, sc, xq, nvfp4,
-                                halves, rows, token_tile, k_unroll, x_kind)
-                    _dot_round(wq, sc, xq, acc, n_valid, nvfp4, halves, rows, token_tile, k_unroll)
+                loaded = _round_registers(halves, rows, token_tile, k_unroll)
+                first, step = wk * 32 * k_unroll + lane, warps_k * 32 * k_unroll
+                if cutlass.const_expr(pipelined):
+                    # Two rounds in flight: the next one's loads go out before this one's products,
+                    # so the warp always has weights on the way (registers for two rounds).
+                    ahead = _round_registers(halves, rows, token_tile, k_unroll)
+                    _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, first, n_vecs, *loaded, halves,
+                                rows, token_tile, k_unroll, x_kind)
+                    for v0 in cutlass.range(first, n_vecs, 2 * step, unroll=1):
+                        _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0 + step, n_vecs, *ahead,
+                                    halves, rows, token_tile, k_unroll, x_kind)
+                        _dot_round(*loaded, acc, v0, n_vecs, n_valid, nvfp4, halves, rows, token_tile, k_unroll,
+                                   x_kind)
+                        _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0 + 2 * step, n_vecs, *loaded,
+                                    halves, rows, token_tile, k_unroll, x_kind)
+                        if v0 - lane + step < n_vecs:  # warp-uniform: the round ahead has vectors
+                            _dot_round(*ahead, acc, v0 + step, n_vecs, n_valid, nvfp4, halves, rows, token_tile,
+                                       k_unroll, x_kind)
+                else:
+                    for v0 in cutlass.range(first, n_vecs, step, unroll=1):
+                        _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, *loaded, halves,
+                                    rows, token_tile, k_unroll, x_kind)
+                        _dot_round(*loaded, acc, v0, n_vecs, n_valid, nvfp4, halves, rows, token_tile, k_unroll,
+                                   x_kind)
                 for i in cutlass.range_constexpr(n_acc):
                     acc[_acc_coord(i, rows, halves)] = cute.arch.warp_reduction_sum(acc[_acc_coord(i, rows, halves)])
             if cutlass.const_expr(warps_k > 1):
@@ -313,11 +377,12 @@ def grouped_gemv(x_words, w_words, scales, gscale, route_w, sorted_slots, active
                  out, stream, top_k: cutlass.Constexpr, group: cutlass.Constexpr, gated: cutlass.Constexpr,
                  swiglu_limit: cutlass.Constexpr, warps_m: cutlass.Constexpr, warps_k: cutlass.Constexpr,
                  rows: cutlass.Constexpr, token_tile: cutlass.Constexpr, k_unroll: cutlass.Constexpr,
-                 x_kind: cutlass.Constexpr = X_ORDERED):
+                 x_kind: cutlass.Constexpr = X_ORDERED, pipelined: cutlass.Constexpr = False,
+                 prefetch_rounds: cutlass.Constexpr = 1):
     n_out = out.shape[1]
     _grouped_gemv_kernel(x_words, w_words, scales, gscale, route_w, sorted_slots, active_experts, active_start,
                          num_active, out, top_k, group, gated, swiglu_limit, warps_m, warps_k, rows, token_tile,
-                         k_unroll, x_kind).launch(
+                         k_unroll, x_kind, pipelined, prefetch_rounds).launch(
         grid=[(n_out + warps_m * rows - 1) // (warps_m * rows), active_experts.shape[0], 1],
         block=[32 * warps_m * warps_k, 1, 1],
         stream=stream, use_pdl=True)

@@ -166,13 +166,18 @@ def test_l1_with_halves_in_separate_warps_gives_the_same_h(fmt_name, t):
 
 GEMV_TILINGS = [dict(rows=1, k_unroll=1), dict(rows=2, k_unroll=4), dict(rows=4, k_unroll=1), dict(rows=8, k_unroll=2),
                 dict(rows=4, k_unroll=2, n_tiles=2), dict(rows=2, k_unroll=1, warps_k=4),
-                dict(rows=4, k_unroll=1, warps_k=4, n_tiles=4)]  # K split and token tiles together
+                dict(rows=4, k_unroll=1, warps_k=4, n_tiles=4),  # K split and token tiles together
+                # the next round's loads ahead of a round's products: an even and an odd number of
+                # rounds per warp (Flash L1 / L2 at 2 vectors per round), and with K split
+                dict(rows=2, k_unroll=1, pipelined=True), dict(rows=4, k_unroll=2, n_tiles=2, pipelined=True),
+                dict(rows=4, k_unroll=1, warps_k=2, pipelined=True)]
 
 
 @pytest.mark.parametrize("fmt_name", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("tiling", GEMV_TILINGS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()))
 def test_every_gemv_tiling_computes_the_default_ones_result(fmt_name, tiling):
-    """Rows per warp, vectors per round and tokens per pass change no lane's order of summation:
+    """Rows per warp, vectors per round, tokens per pass and loading a round ahead change no lane's
+    order of summation:
     L1's h and L2's y bit for bit the default's. K split between warps adds their sums in a fixed
     order: within fp32 rounding. T = 8 (experts with one and with two tokens) on the tiny shape's
     single K block too, where a round runs past the row's end."""

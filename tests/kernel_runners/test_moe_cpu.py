@@ -127,7 +127,7 @@ def test_kernel_variant_follows_the_expected_tokens_per_expert():
     # a small dense weight at one token: K split between the warps of a CTA, one round each
     assert gemm_config(1, 1, 1024, 4096) == {"kind": "gemv", "rows": 4, "k_unroll": 1, "warps_k": 4}
     assert gemm_config(1, 1, 4096, 8192) == {"kind": "gemv", "rows": 4, "k_unroll": 1, "warps_k": 4}
-    assert gemm_config(1.0, 6, 2048, 4096, gated=True) == {"kind": "gemv", "rows": 4, "k_unroll": 2}
+    assert gemm_config(1.0, 6, 2048, 4096, gated=True) == {"kind": "gemv", "rows": 2, "k_unroll": 1, "pipelined": True}
     big = gemm_config(3.1, 244, 2048, 4096)
     assert big == {"kind": "mma", "n_tiles": 1, "k_unroll": 2, "warps_k": 1, "min_ctas": 6}  # L2: bounded
     assert gemm_config(3.1, 244, 2048, 4096, gated=True) == dict(big, split_halves=True, min_ctas=3)  # L1
