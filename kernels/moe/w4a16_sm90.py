@@ -8,9 +8,9 @@ k_unroll * rows * 16 bytes per lane in flight; `pipelined` issues the next round
 round's products, so that a warp has weights in flight while it computes (twice the registers).
 The E2M1 pairs decode in registers, products accumulate in f16x2 per 16 weights and in fp32 across
 them, times the block scale (NVFP4: E4M3 per 16, MXFP4: E8M0 per 32), then a reduction across the
-warp. `warps_k` warps of a CTA split a row's vectors
-round by round and add their sums through shared memory in a fixed order (deterministic): a small
-dense weight, or a few experts, then still gives the GPU enough warps.
+warp. `warps_k` warps of a CTA split a row's vectors round by round and add their sums through
+shared memory in a fixed order (deterministic): a small dense weight, or a few experts, then still
+gives the GPU enough warps.
 Grid: (rows / (warps_m * rows), max active experts); CTAs past the device-side `num_active` exit, so
 the launch shape is static and the kernels capture into CUDA graphs.
 
@@ -234,10 +234,10 @@ def _prefetch_rows(w_vecs: cute.Tensor, scales: cute.Tensor, active_experts: cut
     (L1) still runs: enough to start streaming at once. Whole rows (as before) ran 9-20% slower
     on dense weights of 19-66 MB (an H200: they evict each other from the 50 MB L2 and compete
     with the kernel before for memory), and the MoE's L2 4-16% slower at 4-16 tokens
-    (bench/NOTES.md). A hint only: the active experts come from the dispatch kernel, which had finished
-    before L1 let this kernel start (kernels.dependent_launch), but nothing relies on reading them
-    right here (the GEMV reads them again after its wait), so an index read from a buffer still
-    being written only costs a wasted prefetch; indices are bounds-checked."""
+    (bench/NOTES.md). A hint only: the active experts come from the dispatch kernel, which had
+    finished before L1 let this kernel start (kernels.dependent_launch), but nothing relies on
+    reading them right here (the GEMV reads them again after its wait), so an index read from a
+    buffer still being written only costs a wasted prefetch; indices are bounds-checked."""
     e = active_experts[by]  # by < its size: the grid has one row of CTAs per entry
     if by < num_active[0] and e >= 0 and e < w_vecs.shape[0] and n0 < n_out:
         per_round = 4 * k_unroll  # 128-byte lines (8 vectors) per row and round
@@ -324,30 +324,25 @@ def _grouped_gemv_kernel(
             acc = cute.make_rmem_tensor((token_tile, rows, halves), Float32)
             acc.fill(0.0)
             if rows_here:
-                loaded = _round_registers(halves, rows, token_tile, k_unroll)
+                source = (w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow)  # what _load_round reads
+                tiling = (halves, rows, token_tile, k_unroll, x_kind)
+                loaded = _round_registers(*tiling[:4])
                 first, step = wk * 32 * k_unroll + lane, warps_k * 32 * k_unroll
                 if cutlass.const_expr(pipelined):
                     # Two rounds in flight: the next one's loads go out before this one's products,
                     # so the warp always has weights on the way (registers for two rounds).
-                    ahead = _round_registers(halves, rows, token_tile, k_unroll)
-                    _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, first, n_vecs, *loaded, halves,
-                                rows, token_tile, k_unroll, x_kind)
+                    ahead = _round_registers(*tiling[:4])
+                    _load_round(*source, first, n_vecs, *loaded, *tiling)
                     for v0 in cutlass.range(first, n_vecs, 2 * step, unroll=1):
-                        _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0 + step, n_vecs, *ahead,
-                                    halves, rows, token_tile, k_unroll, x_kind)
-                        _dot_round(*loaded, acc, v0, n_vecs, n_valid, nvfp4, halves, rows, token_tile, k_unroll,
-                                   x_kind)
-                        _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0 + 2 * step, n_vecs, *loaded,
-                                    halves, rows, token_tile, k_unroll, x_kind)
+                        _load_round(*source, v0 + step, n_vecs, *ahead, *tiling)
+                        _dot_round(*loaded, acc, v0, n_vecs, n_valid, nvfp4, *tiling)
+                        _load_round(*source, v0 + 2 * step, n_vecs, *loaded, *tiling)
                         if v0 - lane + step < n_vecs:  # warp-uniform: the round ahead has vectors
-                            _dot_round(*ahead, acc, v0 + step, n_vecs, n_valid, nvfp4, halves, rows, token_tile,
-                                       k_unroll, x_kind)
+                            _dot_round(*ahead, acc, v0 + step, n_vecs, n_valid, nvfp4, *tiling)
                 else:
                     for v0 in cutlass.range(first, n_vecs, step, unroll=1):
-                        _load_round(w_vecs, lane_scales, x_vecs, e, n0, n_out, xrow, v0, n_vecs, *loaded, halves,
-                                    rows, token_tile, k_unroll, x_kind)
-                        _dot_round(*loaded, acc, v0, n_vecs, n_valid, nvfp4, halves, rows, token_tile, k_unroll,
-                                   x_kind)
+                        _load_round(*source, v0, n_vecs, *loaded, *tiling)
+                        _dot_round(*loaded, acc, v0, n_vecs, n_valid, nvfp4, *tiling)
                 for i in cutlass.range_constexpr(n_acc):
                     acc[_acc_coord(i, rows, halves)] = cute.arch.warp_reduction_sum(acc[_acc_coord(i, rows, halves)])
             if cutlass.const_expr(warps_k > 1):
