@@ -43,7 +43,7 @@ from cutlass.utils import LayoutEnum
 
 from ..dependent_launch import wait_for_previous_kernel
 from .swapped_gemm_sm90 import (WARPGROUP, add_consumer_sums, consumer_stage, cta_work, make_ring, produce,
-                                store_tile, tma_tiles)
+                                store_tile, sync_storage, tma_tiles)
 
 TILE_M = 64    # weight rows per CTA: one m64 wgmma
 TILE_K = 128   # one scale block per pipeline stage
@@ -78,8 +78,7 @@ def _kernel(
         cpasync.prefetch_descriptor(tma_b)
 
     smem = cutlass.memory.SmemAllocator()
-    barriers = smem.allocate_array(cutlass.Int64, stages * 2, byte_alignment=8)
-    arrived = smem.allocate_tensor(Int32, cute.make_layout(1), 4)
+    barriers, arrived = sync_storage(smem, stages)
     sA = smem.allocate_tensor(FP8, a_staged.outer, 1024, swizzle=a_staged.inner)
     sB = smem.allocate_tensor(FP8, b_staged.outer, 1024, swizzle=b_staged.inner)
     per_thread = TILE_M * tile_n // WARPGROUP

@@ -26,6 +26,13 @@ def cta_work(splits: cutlass.Constexpr, k_stages: Int32):
     return warp, warp // 4, bn, bm, bz // splits, split, k_begin, (split + 1) * k_stages // splits - k_begin
 
 
+def sync_storage(smem, stages: int):
+    """Shared memory for make_ring's barriers (a full and an empty one per stage) and store_tile's
+    arrival flag (one int32), allocated first so both sit at the front: (barriers, arrived)."""
+    barriers = smem.allocate_array(cutlass.Int64, stages * 2, byte_alignment=8)
+    return barriers, smem.allocate_tensor(Int32, cute.make_layout(1), 4)
+
+
 def make_ring(barriers, stages: int, stage_bytes):
     """The ring of `stages` TMA buffers between the producer warp and one consumer warpgroup per stage."""
     ring = pipeline.PipelineTmaAsync.create(

@@ -199,8 +199,7 @@ def _linear_w4a16_wgmma(x: torch.Tensor, weight, groups: int, plan: dict) -> tor
                                            x.device)
     kernel = _compiled_wgmma(nvfp4, target_arch(x.device), **plan)
     kernel(_batched(packed, groups, False), _batched(pair_order(x), groups, True), _batched(scales, groups, False),
-           (_group_scales(weight.weight_scale_2, 1) if nvfp4 else _ones(1, x.device)).view(1), out, partials,
-           counters)
+           _global_scales(weight, 1, x.device).view(1), out, partials, counters)
     return out
 
 
@@ -236,6 +235,11 @@ def _group_scales(weight_scale_2: torch.Tensor, groups: int) -> torch.Tensor:
     return weight_scale_2.float().reshape(1, 1).expand(groups, 1).contiguous()
 
 
+def _global_scales(weight, groups: int, device: torch.device) -> torch.Tensor:
+    """The kernels' global scale per group, fp32 [groups, 1]: NVFP4's weight_scale_2, MXFP4's 1."""
+    return _group_scales(weight.weight_scale_2, groups) if isinstance(weight, Nvfp4Weight) else _ones(groups, device)
+
+
 def _check_shapes(x: torch.Tensor, weight, groups: int) -> None:
     (n, k), t = weight.shape, x.shape[0]
     if x.shape[1] != groups * k or n % groups:
@@ -255,8 +259,8 @@ def w4a16_launch_args(x: torch.Tensor, weight, groups: int = 1):
     r = n // groups
     packed, scales = w4_bytes(weight)
     d, route_w = _groups_as_experts(t, groups, x.device)
-    gscale = _ones(groups, x.device) if isinstance(weight, Mxfp4Weight) else _group_scales(weight.weight_scale_2, groups)
-    return (x.reshape(t * groups, k), packed.view(groups, r, -1), scales.view(groups, r, -1), gscale, route_w, d)
+    return (x.reshape(t * groups, k), packed.view(groups, r, -1), scales.view(groups, r, -1),
+            _global_scales(weight, groups, x.device), route_w, d)
 
 
 def linear_w4a16(x: torch.Tensor, weight, groups: int = 1, kernel: dict | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ from ..dependent_launch import wait_for_previous_kernel
 from ..moe.w4a16_mma_sm90 import _hmul2, _prmt, _scale_f16x2
 from ..moe.w4a16_sm90 import E2M1_F16_CORRECTION, _e2m1_pair, _e4m3_pair_to_f16x2
 from .swapped_gemm_sm90 import (WARPGROUP, add_consumer_sums, consumer_stage, cta_work, make_ring, produce,
-                                store_tile, tma_tiles)
+                                store_tile, sync_storage, tma_tiles)
 
 TILE_M = 64       # weight rows per CTA: one m64 wgmma
 BLOCK_K = 128     # K per A fragment (8 k16 wgmmas)
@@ -134,8 +134,7 @@ def _kernel(
         cpasync.prefetch_descriptor(tma_s)
 
     smem = cutlass.memory.SmemAllocator()
-    barriers = smem.allocate_array(cutlass.Int64, stages * 2, byte_alignment=8)
-    arrived = smem.allocate_tensor(Int32, cute.make_layout(1), 4)
+    barriers, arrived = sync_storage(smem, stages)
     a_bytes = TILE_M * ROW_BYTES
     a_base = smem.allocate(a_bytes * stages, 1024)
     sA = cute.make_tensor(cute.recast_ptr(a_base, a_staged.inner, dtype=Uint8), a_staged.outer)
