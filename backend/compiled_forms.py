@@ -95,14 +95,13 @@ class CompiledForms:
         return DeepseekV4.index_queries(self, q, x, weights_proj, pos, rotation=hadamard_transform,
                                         linear=torch.ops.dsv4.linear_f32)
 
-    def routing_by_argmax(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, input_ids: torch.Tensor,
-                          hashed: bool):
+    def routing_by_argmax(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, hashed: bool):
         """routing with the top-k experts taken as k successive argmaxes (each masking its pick), in
         the order topk gives them (ties aside: exact ties of fp32 scores): compiled, one kernel with
         the scores, where topk launches a selection and a sort (H200, batch 1: 12.6 us). The gate's
         fp32 GEMV runs on kernels.linear.linear_f32 (hash layers too): on an H200 at batch 8 cuBLAS
         took 21 us for this 4 MB and Inductor's multiply-sum 13.5 us (bench/NOTES.md)."""
-        return DeepseekV4.routing(self, x, gate, choice, input_ids, hashed, linear=torch.ops.dsv4.linear_f32,
+        return DeepseekV4.routing(self, x, gate, choice, hashed, linear=torch.ops.dsv4.linear_f32,
                                   top_k=self.top_k_by_argmax)
 
     @staticmethod

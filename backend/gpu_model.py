@@ -31,6 +31,7 @@ from kernels.moe.experts import check_mxfp4_scales
 from .compiled_forms import CompiledForms
 from .config import ModelArgs
 from .gpu_weights import SAME_INPUT_LINEARS, split_experts, stack_rows
+from .inductor_check import install_check
 from .model import DeepseekV4, ModelState
 
 SHARED_EXPERT_LANE = 4  # beside(): lanes 0-3 are the attention's (backend.model)
@@ -98,6 +99,12 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
         self.fused_mhc = on_kernels and mhc.applies(args.hc_mult, args.hidden_size)
         self.fused_attention = on_kernels and attention.applies(args.num_attention_heads, args.head_dim)
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
+        # The hash layers' tables as one [layers, V, k] int64 tensor: one lookup gives a step's
+        # experts for all of them (route).
+        hash_layers = [i for i in range(args.num_hidden_layers) if args.is_hash_layer(i)]
+        self.hash_tables = torch.stack([self.w.pop(f"layers.{i}.ffn.gate.tid2eid").long() for i in hash_layers]) \
+            if hash_layers else None
+        self._hash_experts = None  # this step's, looked up by the first hash layer
         # Decode steps run the work beside() marks on side streams, one per lane (the compressor;
         # the window; the indexer's compressor and scoring; its queries; the shared expert): at
         # small batch each of their kernels fills a few SMs, so they fit beside the query heads and
@@ -122,6 +129,7 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
             from torch.fx.experimental import _config as symbolic_shapes_config
             symbolic_shapes_config.use_duck_shape = False
             _cache_inductor_next_to_the_kernels()
+            install_check()  # a compiled kernel that reads back what it stored fails the warm-up
             # Inductor's Triton kernels as programmatic dependent launches (Hopper and newer): each
             # starts beside the kernel before it and waits for it before its first dependent load,
             # as the runners' kernels do (kernels.dependent_launch); a step at small batch is a chain
@@ -204,6 +212,7 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
         finally:
             self._decoding = False  # a later call outside forward (mtp_forward) takes the reference's paths
             self._fp8_inputs.clear()
+            self._hash_experts = None
             self.join()  # after an error half-way: no side stream's work is left unjoined
 
     def beside(self, lane: int = 0):
@@ -226,6 +235,18 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
         for stream in self._forked:
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self._forked.clear()
+
+    def route(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool):
+        """Hash layers' experts: one lookup for all of them per step (the first hash layer's), in the
+        int64 hash_tables, where a lookup per layer and its widening to int64 took two kernels each
+        (H200, 4 flash-shaped layers, 3 of them hashed, batch-1 graph: 0.857 ms per step against
+        0.880, one run each)."""
+        if not hashed:
+            return super().route(prefix, x, input_ids, hashed)
+        if self._hash_experts is None:
+            self._hash_experts = self.hash_tables.index_select(1, input_ids)     # [layers, T, k]
+        layer = int(prefix.split(".")[1])
+        return self.routing(x, self.w[f"{prefix}gate.weight"], self._hash_experts[layer], hashed)
 
     def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
         """Two kernels (kernels.mhc.mhc_pre) instead of the reference's pieces; the sublayer's input

@@ -609,22 +609,26 @@ class DeepseekV4:
 
     # --- MoE -----------------------------------------------------------------------------
     def route(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool):
-        """x: [T, D] -> weights [T, k] (normalized, times routed_scaling_factor), experts [T, k]."""
-        choice = self.w[f"{prefix}gate.tid2eid"] if hashed else self.w[f"{prefix}gate.bias"]
-        return self.routing(x, self.w[f"{prefix}gate.weight"], choice, input_ids, hashed)
+        """x: [T, D] -> weights [T, k] (normalized, times routed_scaling_factor), experts [T, k].
+        Hash layers' experts are the tokens' rows of the hash table, looked up here, outside
+        `routing`: compiled with it, one Inductor kernel stored the experts and read them back in a
+        second loop, where a warp may read an element before another warp has stored it (the
+        elements are replicated across warps): stale experts, an H200 index assert (bench/NOTES.md)."""
+        if hashed:
+            choice = self.w[f"{prefix}gate.tid2eid"][input_ids].long()
+        else:
+            choice = self.w[f"{prefix}gate.bias"]
+        return self.routing(x, self.w[f"{prefix}gate.weight"], choice, hashed)
 
-    def routing(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, input_ids: torch.Tensor,
-                hashed: bool, linear=fp32_linear, top_k=topk_indices):
+    def routing(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, hashed: bool,
+                linear=fp32_linear, top_k=topk_indices):
         """sqrt(softplus) scores (the BF16 gate in fp32 math, as the compressors' and the indexer's
-        small linears, DeepSeek-style); experts from the token's row of the hash table `choice`
-        (hash layers) or the top-k of scores + bias `choice` (`top_k`: another way to topk_indices'
-        indices; `linear`: another runner of fp32_linear)."""
+        small linears, DeepSeek-style); experts: `choice` itself (hash layers: the tokens' rows of
+        the hash table) or the top-k of scores + bias `choice` (`top_k`: another way to
+        topk_indices' indices; `linear`: another runner of fp32_linear)."""
         a = self.args
         scores = F.softplus(linear(x, gate)).sqrt()                                # [T, E] fp32
-        if hashed:
-            experts = choice[input_ids].long()
-        else:
-            experts = top_k(scores + choice, a.num_experts_per_tok)
+        experts = choice if hashed else top_k(scores + choice, a.num_experts_per_tok)
         weights = scores.gather(1, experts)
         return weights / weights.sum(-1, keepdim=True) * a.routed_scaling_factor, experts
 

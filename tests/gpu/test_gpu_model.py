@@ -7,6 +7,7 @@ from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
 from backend.gpu_model import DeepseekV4Gpu
 from backend.model import DeepseekV4
+from backend.inductor_check import collected_output_code, kernels_reading_back
 from tests.parity import LENGTHS, prefill, prompts, relative, selection_report, split_at_first_flip, teacher_forced
 
 pytestmark = pytest.mark.gpu
@@ -95,6 +96,23 @@ def test_graph_decode_is_eager_decode(make_checkpoint, compile_attention, overla
         assert torch.equal(le.argmax(-1), lg.argmax(-1)), step
         assert torch.equal(lp, lg), step
         assert torch.allclose(le, lg, rtol=1e-4, atol=1e-4), (step, (le - lg).abs().max().item())
+
+
+@pytest.mark.parametrize("flavor", ["nvidia-nvfp4", "all-nvfp4"])
+def test_no_compiled_piece_reads_back_what_it_stored(flavor, make_checkpoint):
+    """Every Triton kernel of the compiled pieces (batch 1 and the dynamic batch, as the graph ladder
+    compiles them; with and without the FP8 quantization fused in) loads no buffer that it stored
+    before: across warps that read is a race (backend/inductor_check.py)."""
+    ck = load_checkpoint(make_checkpoint(flavor))
+    with collected_output_code() as codes:
+        model = DeepseekV4Gpu(ck.args, ck.weights, simulate_qat=True, device="cuda", compile_attention=True)
+        state = model.new_state(5, 96, with_mtp=False)
+        prefill(model, state, prompts(ck.args.vocab_size))
+        DecodeGraphs(model, state, max_batch=4, scratch_slot=4)
+    kernels = sum(code.count("async_compile.triton(") for code in codes)
+    print(f"{flavor}: {len(codes)} compiled graphs, {kernels} Triton kernels")
+    assert kernels, "no kernel collected: Inductor's output code hook moved"
+    assert kernels_reading_back(codes) == {}
 
 
 @pytest.mark.parametrize("flavor,compile_attention", [("nvidia-nvfp4", False), ("all-nvfp4", False),
