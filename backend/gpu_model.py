@@ -102,6 +102,7 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
         # The hash layers' tables as one [layers, V, k] int64 tensor: one lookup gives a step's
         # experts for all of them (route).
         hash_layers = [i for i in range(args.num_hidden_layers) if args.is_hash_layer(i)]
+        self.hash_table_index = {f"layers.{i}.ffn.": n for n, i in enumerate(hash_layers)}
         self.hash_tables = torch.stack([self.w.pop(f"layers.{i}.ffn.gate.tid2eid").long() for i in hash_layers]) \
             if hash_layers else None
         self._hash_experts = None  # this step's, looked up by the first hash layer
@@ -245,8 +246,8 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
             return super().route(prefix, x, input_ids, hashed)
         if self._hash_experts is None:
             self._hash_experts = self.hash_tables.index_select(1, input_ids)     # [layers, T, k]
-        layer = int(prefix.split(".")[1])
-        return self.routing(x, self.w[f"{prefix}gate.weight"], self._hash_experts[layer], hashed)
+        experts = self._hash_experts[self.hash_table_index[prefix]]
+        return self.routing(x, self.w[f"{prefix}gate.weight"], experts, hashed)
 
     def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
         """Two kernels (kernels.mhc.mhc_pre) instead of the reference's pieces; the sublayer's input

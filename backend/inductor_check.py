@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from unittest import mock
 
 _KERNEL = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.DOTALL)
-_STORE = re.compile(r"tl\.store\((\w+) \+")
-_LOAD = re.compile(r"tl\.load\((\w+) \+")
+_STORE = re.compile(r"tl\.store\((\w+)\b")
+_LOAD = re.compile(r"tl\.load\((\w+)\b")
 _BARRIER = "tl.debug_barrier()"
 
 
