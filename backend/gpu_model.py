@@ -100,7 +100,7 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
         self.fused_attention = on_kernels and attention.applies(args.num_attention_heads, args.head_dim)
         self._fp8_inputs = {}  # data_ptr -> (weakref to a piece's output, its FP8 quantization)
         # The hash layers' tables as one [layers, V, k] int64 tensor: one lookup gives a step's
-        # experts for all of them (route).
+        # experts for all of them (hash_experts).
         hash_layers = [i for i in range(args.num_hidden_layers) if args.is_hash_layer(i)]
         self.hash_table_index = {f"layers.{i}.ffn.": n for n, i in enumerate(hash_layers)}
         self.hash_tables = torch.stack([self.w.pop(f"layers.{i}.ffn.gate.tid2eid").long() for i in hash_layers]) \
@@ -237,17 +237,14 @@ class DeepseekV4Gpu(CompiledForms, DeepseekV4):
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self._forked.clear()
 
-    def route(self, prefix: str, x: torch.Tensor, input_ids: torch.Tensor, hashed: bool):
-        """Hash layers' experts: one lookup for all of them per step (the first hash layer's), in the
-        int64 hash_tables, where a lookup per layer and its widening to int64 took two kernels each
+    def hash_experts(self, prefix: str, input_ids: torch.Tensor) -> torch.Tensor:
+        """One lookup for all hash layers per step (the first hash layer's), in the int64
+        hash_tables, where a lookup per layer and its widening to int64 took two kernels each
         (H200, 4 flash-shaped layers, 3 of them hashed, batch-1 graph: 0.857 ms per step against
         0.880, one run each)."""
-        if not hashed:
-            return super().route(prefix, x, input_ids, hashed)
         if self._hash_experts is None:
             self._hash_experts = self.hash_tables.index_select(1, input_ids)     # [layers, T, k]
-        experts = self._hash_experts[self.hash_table_index[prefix]]
-        return self.routing(x, self.w[f"{prefix}gate.weight"], experts, hashed)
+        return self._hash_experts[self.hash_table_index[prefix]]
 
     def hc_pre(self, x: torch.Tensor, prefix: str, which: str):
         """Two kernels (kernels.mhc.mhc_pre) instead of the reference's pieces; the sublayer's input

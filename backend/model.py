@@ -614,11 +614,12 @@ class DeepseekV4:
         `routing`: compiled with it, one Inductor kernel stored the experts and read them back in a
         second loop, where a warp may read an element before another warp has stored it (the
         elements are replicated across warps): stale experts, an H200 index assert (bench/NOTES.md)."""
-        if hashed:
-            choice = self.w[f"{prefix}gate.tid2eid"][input_ids].long()
-        else:
-            choice = self.w[f"{prefix}gate.bias"]
+        choice = self.hash_experts(prefix, input_ids) if hashed else self.w[f"{prefix}gate.bias"]
         return self.routing(x, self.w[f"{prefix}gate.weight"], choice, hashed)
+
+    def hash_experts(self, prefix: str, input_ids: torch.Tensor) -> torch.Tensor:
+        """A hash layer's experts: the tokens' rows of its table tid2eid -> [T, k] int64."""
+        return self.w[f"{prefix}gate.tid2eid"][input_ids].long()
 
     def routing(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, hashed: bool,
                 linear=fp32_linear, top_k=topk_indices):

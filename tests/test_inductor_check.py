@@ -1,9 +1,14 @@
 """backend.inductor_check on hand-written kernels:
 the read-back of the H200's hash-routing kernel is found; loads before a store, and a read-back
 after a barrier, are not."""
-import pytest
+from unittest import mock
 
-from backend.inductor_check import kernels_reading_back, read_backs, triton_kernels
+import pytest
+import torch
+from torch._inductor.graph import GraphLowering
+
+from backend.inductor_check import (KernelReadsBackError, collected_output_code, install_check, kernels_reading_back,
+                                    read_backs, triton_kernels)
 
 # The two loops of the hash-routing kernel an H200 compiled (abridged): loop 1 stores the experts
 # to out_ptr0, loop 2 loads them back to gather the scores.
@@ -19,12 +24,20 @@ HASH_ROUTING = """
         tl.store(out_ptr2 + (r0_1 + ks1*x0), tmp39, r0_mask & xmask)
 """
 
+# The same with a barrier between the loops: no race.
+HASH_ROUTING_BARRIER = HASH_ROUTING.replace("    tmp21 = tl.sum", "    tl.debug_barrier()\n    tmp21 = tl.sum")
+
 IN_PLACE = """
     tmp0 = tl.load(in_out_ptr0 + (x0), xmask)
     tmp1 = tl.load(in_ptr0 + (x0), xmask)
     tl.debug_barrier()
     tl.store(in_out_ptr0 + (x0), tmp2, xmask)
 """
+
+
+def output_code(name: str, body: str) -> str:
+    """One kernel as Inductor's output code declares it."""
+    return f"{name} = async_compile.triton('{name}', '''\n@triton.jit\ndef {name}():\n{body}''', device_str='cuda')\n"
 
 
 def test_the_hash_routing_kernels_read_back_is_found():
@@ -34,24 +47,17 @@ def test_the_hash_routing_kernels_read_back_is_found():
 
 def test_loads_before_the_store_and_read_backs_after_a_barrier_pass():
     assert read_backs(IN_PLACE) == []
-    assert read_backs(HASH_ROUTING.replace("    tmp21 = tl.sum", "    tl.debug_barrier()\n    tmp21 = tl.sum")) == []
+    assert read_backs(HASH_ROUTING_BARRIER) == []
 
 
 def test_kernels_are_taken_from_the_output_code_by_name():
-    code = (f"k_a = async_compile.triton('k_a', '''\n@triton.jit\ndef k_a():\n{HASH_ROUTING}''', device_str='cuda')\n"
-            f"k_b = async_compile.triton('k_b', '''\n@triton.jit\ndef k_b():\n{IN_PLACE}''', device_str='cuda')\n")
+    code = output_code("k_a", HASH_ROUTING) + output_code("k_b", IN_PLACE)
     assert sorted(triton_kernels(code)) == ["k_a", "k_b"]
     assert list(kernels_reading_back([code])) == ["k_a"]
 
 
 def test_the_check_raises_naming_the_kernel_and_keeps_a_hook_already_there():
-    from unittest import mock
-
-    from torch._inductor.graph import GraphLowering
-
-    from backend.inductor_check import KernelReadsBackError, install_check
-    racy = f"k_a = async_compile.triton('k_a', '''\n@triton.jit\ndef k_a():\n{HASH_ROUTING}''', device_str='cuda')\n"
-    clean = racy.replace("k_a", "k_b").replace("    tmp21 = tl.sum", "    tl.debug_barrier()\n    tmp21 = tl.sum")
+    racy, clean = output_code("k_a", HASH_ROUTING), output_code("k_b", HASH_ROUTING_BARRIER)
     saved = []
     with mock.patch.object(GraphLowering, "save_output_code", saved.append):
         install_check()
@@ -65,9 +71,6 @@ def test_the_check_raises_naming_the_kernel_and_keeps_a_hook_already_there():
 
 def test_inductor_hands_its_output_code_to_the_hook():
     """The hook the check uses is the one this torch calls (a CPU compile here: C++ kernels, no Triton)."""
-    import torch
-
-    from backend.inductor_check import collected_output_code
     with collected_output_code() as codes:
         torch.compile(lambda x: x.sin() + 1)(torch.randn(8))
     assert codes and "def call" in codes[0]

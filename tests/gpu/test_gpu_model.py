@@ -6,8 +6,8 @@ import torch
 from backend.checkpoint import load_checkpoint
 from backend.engine.cuda_graphs import DecodeGraphs
 from backend.gpu_model import DeepseekV4Gpu
-from backend.model import DeepseekV4
 from backend.inductor_check import collected_output_code, kernels_reading_back
+from backend.model import DeepseekV4
 from tests.parity import LENGTHS, prefill, prompts, relative, selection_report, split_at_first_flip, teacher_forced
 
 pytestmark = pytest.mark.gpu
