@@ -96,9 +96,9 @@ class CompiledForms:
                                         linear=torch.ops.dsv4.linear_f32)
 
     def routing_by_argmax(self, x: torch.Tensor, gate: torch.Tensor, choice: torch.Tensor, hashed: bool):
-        """routing with the top-k experts taken as k successive argmaxes (each masking its pick), in
-        the order topk gives them (ties aside: exact ties of fp32 scores): compiled, one kernel with
-        the scores, where topk launches a selection and a sort (H200, batch 1: 12.6 us). The gate's
+        """routing with the top-k experts taken as k successive argmaxes (each masking the picks before
+        it), in the order topk gives them (ties aside: exact ties of fp32 scores): compiled, one kernel
+        with the scores, where topk launches a selection and a sort (H200, batch 1: 12.6 us). The gate's
         fp32 GEMV runs on kernels.linear.linear_f32 (hash layers too): on an H200 at batch 8 cuBLAS
         took 21 us for this 4 MB and Inductor's multiply-sum 13.5 us (bench/NOTES.md)."""
         return DeepseekV4.routing(self, x, gate, choice, hashed, linear=torch.ops.dsv4.linear_f32,
@@ -106,11 +106,17 @@ class CompiledForms:
 
     @staticmethod
     def top_k_by_argmax(biased: torch.Tensor, k: int) -> torch.Tensor:
-        """torch.topk's indices of the k largest (ties aside) as k successive argmaxes, each masking its pick."""
+        """torch.topk's indices of the k largest (ties aside) as k successive argmaxes, each over
+        `biased` with the picks before it masked. Each argmax masks the scores afresh: masking the
+        previous argmax's masked scores instead made Inductor store one of them in the kernel and load
+        it back in the next loop, a race between warps (backend/inductor_check.py; H200, 256 and 384
+        experts, 1-32 tokens), which it does not with every masked copy read once."""
         ids, picks = torch.arange(biased.shape[-1], device=biased.device), []
         for _ in range(k):
-            picks.append(biased.argmax(-1, keepdim=True))
-            biased = biased.masked_fill(ids == picks[-1], float("-inf"))
+            masked = biased
+            for pick in picks:
+                masked = masked.masked_fill(ids == pick, float("-inf"))
+            picks.append(masked.argmax(-1, keepdim=True))
         return torch.cat(picks, dim=-1)
 
     @staticmethod

@@ -226,6 +226,16 @@ def test_each_compiled_piece_computes_what_the_eager_one_does(make_checkpoint):
                     assert torch.equal(o, w), name
 
 
+def test_top_k_by_argmax_is_topk_in_its_order():
+    """The compiled routing's top-k (successive argmaxes, each masking the picks before it) gives
+    torch.topk's indices in topk's order, at the tiny models' and the real models' expert counts."""
+    from backend.compiled_forms import CompiledForms
+    g = torch.Generator().manual_seed(0)
+    for experts in (16, 256, 384):
+        biased = torch.randn(9, experts, generator=g)
+        assert torch.equal(CompiledForms.top_k_by_argmax(biased, 6), biased.topk(6, dim=-1).indices), experts
+
+
 def test_compiled_model_tracks_the_eager_one(make_checkpoint):
     """compile_attention end to end, batched decode steps: no graph break inside a piece, the same
     greedy tokens, and logits as close as fp32 reordering allows once the W4A16 runners' f16

@@ -1,5 +1,8 @@
 """The model on the kernel runners (backend.gpu_model) against the CPU reference, and decode from
 CUDA graphs against eager decode (marker gpu)."""
+import functools
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -112,6 +115,38 @@ def test_no_compiled_piece_reads_back_what_it_stored(flavor, make_checkpoint):
     kernels = sum(code.count("async_compile.triton(") for code in codes)
     print(f"{flavor}: {len(codes)} compiled graphs, {kernels} Triton kernels")
     assert kernels, "no kernel collected: Inductor's output code hook moved"
+    assert kernels_reading_back(codes) == {}
+
+
+@pytest.mark.parametrize("experts", [256, 384])  # V4-Flash, V4-Pro
+def test_compiled_routing_at_real_widths_reads_nothing_back(experts, monkeypatch):
+    """The routing piece, compiled as DeepseekV4Gpu compiles it, at a real model's expert count and
+    width, batch 1-32, by score and by hash: its kernels load no buffer they stored before. The tiny
+    models' 16 experts fit one block; at 256 Inductor loops over them, and the argmaxes' masking
+    chain was stored and loaded back that way (H200: the flash-shaped decode's warm-up failed)."""
+    from torch.fx.experimental import _config as symbolic_shapes_config
+
+    from backend.compiled_forms import CompiledForms
+    from backend.synthetic import flash_shaped_args
+    monkeypatch.setattr(symbolic_shapes_config, "use_duck_shape", False)
+    torch._dynamo.reset()
+    model = SimpleNamespace(args=flash_shaped_args(n_routed_experts=experts),
+                            top_k_by_argmax=CompiledForms.top_k_by_argmax)
+    routing = torch.compile(functools.partial(CompiledForms.routing_by_argmax, model), dynamic=True)
+    g = torch.Generator(device="cuda").manual_seed(experts)
+    dim = model.args.hidden_size
+    gate = (torch.randn(experts, dim, device="cuda", generator=g) / dim ** 0.5).bfloat16()
+    bias = torch.randn(experts, device="cuda", generator=g) * 0.1
+    with collected_output_code() as codes:
+        for tokens in (1, 2, 8, 32):
+            x = torch.randn(tokens, dim, device="cuda", generator=g).bfloat16()
+            weights, picked = routing(x, gate, bias, False)
+            want_weights, want = DeepseekV4.routing(model, x, gate, bias, False)
+            assert torch.equal(picked, want), tokens
+            assert torch.allclose(weights, want_weights, rtol=1e-5, atol=1e-6), tokens
+            hashed = torch.randint(0, experts, (tokens, model.args.num_experts_per_tok), device="cuda", generator=g)
+            routing(x, gate, hashed, True)
+    assert codes, "no output code collected: Inductor's output code hook moved"
     assert kernels_reading_back(codes) == {}
 
 
