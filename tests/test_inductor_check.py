@@ -1,5 +1,5 @@
 """backend.inductor_check on hand-written kernels:
-the read-back of the H200's hash-routing kernel is found; loads before a store, and a read-back
+the read-backs of the H200's two routing kernels are found; loads before a store, and a read-back
 after a barrier, are not."""
 from unittest import mock
 
@@ -24,6 +24,18 @@ HASH_ROUTING = """
         tl.store(out_ptr2 + (r0_1 + ks1*x0), tmp39, r0_mask & xmask)
 """
 
+# The top-k's loops 4 and 5 of the routing kernel an H200 compiled at 256 experts, batch 1 (abridged,
+# the masking argmaxes of the twentieth session's top_k_by_argmax): loop 4 stores its masked scores
+# (a pointer broadcast to the block), loop 5 loads them back.
+TOP_K_ROUTING = """
+    for r0_offset in tl.range(0, r0_numel, R0_BLOCK):
+        tmp59 = tl.where(tmp44, tmp56, tmp58)
+        tl.store(out_ptr3 + (tl.broadcast_to(r0_0, [XBLOCK, R0_BLOCK])), tmp59, r0_mask)
+    tmp61_val, tmp61_idx = triton_helpers.max_with_index(_tmp61, _tmp61_index, 1)
+    for r0_offset in tl.range(0, r0_numel, R0_BLOCK):
+        tmp64 = tl.load(out_ptr3 + (r0_0), r0_mask, eviction_policy='evict_last', other=0.0)
+"""
+
 # The same with a barrier between the loops: no race.
 HASH_ROUTING_BARRIER = HASH_ROUTING.replace("    tmp21 = tl.sum", "    tl.debug_barrier()\n    tmp21 = tl.sum")
 
@@ -40,9 +52,11 @@ def output_code(name: str, body: str) -> str:
     return f"{name} = async_compile.triton('{name}', '''\n@triton.jit\ndef {name}():\n{body}''', device_str='cuda')\n"
 
 
-def test_the_hash_routing_kernels_read_back_is_found():
+def test_the_routing_kernels_read_backs_are_found():
     found = read_backs(HASH_ROUTING)
     assert len(found) == 1 and found[0].startswith("out_ptr0: tmp23 = tl.load(out_ptr0 +")
+    found = read_backs(TOP_K_ROUTING)
+    assert len(found) == 1 and found[0].startswith("out_ptr3: tmp64 = tl.load(out_ptr3 +")
 
 
 def test_loads_before_the_store_and_read_backs_after_a_barrier_pass():
